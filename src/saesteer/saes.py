@@ -1,0 +1,163 @@
+"""Load SAEs through sae-lens: a release + id (hub), a local sae-lens directory, or the bundled ones.
+
+The bundled SAEs live under ``assets/saes/<model>/`` with a ``manifest.json`` (written by ``bundle.py``)
+that records, per SAE, its id, layer, width, hook, directory and quality metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EMBEDDED_MODEL, SaeSpec
+from .hookpoints import HookPointError, hook_layer
+from .models import LoadedModel
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+BUNDLED_ROOT = ASSETS / "saes"
+
+
+class SaeLoadError(RuntimeError):
+    """An SAE could not be loaded or does not fit the model; the message says why and what is allowed."""
+
+
+@dataclass
+class LoadedSae:
+    """An sae-lens SAE plus where it reads the residual stream."""
+
+    sae: object  # sae_lens.SAE
+    id: str
+    hook_name: str
+    layer: int
+    path: str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @torch.no_grad()
+    def directions(self, features: torch.Tensor | list[int], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """``decode(c·e_f) − decode(0)`` per feature: the residual-stream direction the SAE adds for f.
+
+        Equals ``c · W_dec[f]`` for a plain affine decoder, and stays right for SAEs whose decode applies
+        run-time output normalisation. Returns (n_features, d_model) in the SAE's dtype.
+        """
+        sae = self.sae
+        idx = torch.as_tensor(features, dtype=torch.long, device=sae.W_dec.device)
+        acts = torch.zeros(len(idx), self.width, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+        acts[torch.arange(len(idx)), idx] = torch.as_tensor(scale, dtype=sae.W_dec.dtype, device=sae.W_dec.device).expand(len(idx))
+        zero = sae.decode(torch.zeros(1, self.width, dtype=sae.W_dec.dtype, device=sae.W_dec.device))
+        return sae.decode(acts) - zero
+
+    def check_feature(self, feature: int) -> None:
+        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.width:
+            raise SaeLoadError(f"feature {feature!r} is out of range for SAE '{self.id}': use an integer from 0 to {self.width - 1}")
+
+
+def bundled_root(model_name: str = EMBEDDED_MODEL) -> Path:
+    return BUNDLED_ROOT / model_name
+
+
+def read_manifest(model_name: str = EMBEDDED_MODEL) -> dict:
+    path = bundled_root(model_name) / "manifest.json"
+    if not path.exists():
+        return {"saes": []}
+    return json.loads(path.read_text())
+
+
+def list_bundled(model_name: str = EMBEDDED_MODEL) -> list[dict]:
+    """Bundled SAEs: dicts with id, layer, width, hook, path (absolute), metrics; sorted by layer."""
+    root = bundled_root(model_name)
+    out = []
+    for entry in read_manifest(model_name).get("saes", []):
+        path = root / entry["dir"]
+        if (path / "cfg.json").exists():
+            out.append({**entry, "path": str(path)})
+    return sorted(out, key=lambda e: e["layer"])
+
+
+def _hook_name_of(sae) -> str:
+    meta = getattr(sae.cfg, "metadata", None)
+    name = getattr(meta, "hook_name", None) if meta is not None else None
+    if not name:
+        raise SaeLoadError("the SAE config names no hook point (cfg.metadata.hook_name)")
+    return name
+
+
+def _from_disk(path: Path, device: str, dtype: str) -> object:
+    from sae_lens import SAE
+
+    if not (path / "cfg.json").exists():
+        raise SaeLoadError(f"{path} is not an sae-lens SAE directory: it needs cfg.json and sae_weights.safetensors")
+    try:
+        return SAE.load_from_disk(str(path), device=device, dtype=dtype)
+    except Exception as exc:  # sae-lens raises many kinds; the user needs the path and the cause
+        raise SaeLoadError(f"could not load the SAE in {path}: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = [r for r in directory if release.split("-")[0] in r][:8]
+        raise SaeLoadError(f"unknown sae-lens release {release!r}; some known ones: {', '.join(close) or ', '.join(list(directory)[:8])}")
+    ids = directory[release].saes_map
+    if sae_id not in ids:
+        raise SaeLoadError(f"release {release!r} has no SAE {sae_id!r}; it has e.g. {', '.join(list(ids)[:6])}")
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    except (OSError, ConnectionError) as exc:
+        raise SaeLoadError(
+            f"could not download SAE {release}/{sae_id}: the Hugging Face hub is unreachable ({exc.__class__.__name__}). "
+            "Offline, use the bundled SAEs or a local sae-lens directory."
+        ) from exc
+
+
+def load_sae(spec: SaeSpec, lm: LoadedModel | None = None, model_name: str = EMBEDDED_MODEL) -> LoadedSae:
+    """Load the SAE ``spec`` names; with ``lm``, check it fits the model (width and layer) and match its device."""
+    device = str(lm.device) if lm is not None else "cpu"
+    dtype = "float32"
+    if spec.source == "bundled":
+        entries = list_bundled(model_name)
+        match = [e for e in entries if (spec.sae_id and e["id"] == spec.sae_id) or (spec.sae_id is None and e["layer"] == spec.layer)]
+        if not match:
+            have = ", ".join(str(e["layer"]) for e in entries) or "none"
+            raise SaeLoadError(f"no bundled SAE for {model_name} at layer {spec.layer}; bundled layers: {have}")
+        entry = match[0]
+        sae = _from_disk(Path(entry["path"]), device, dtype)
+        sae_id, path = entry["id"], entry["path"]
+    elif spec.source == "local":
+        path = str(Path(spec.path).expanduser())
+        sae = _from_disk(Path(path), device, dtype)
+        sae_id = Path(path).name
+    else:
+        sae = _from_release(spec.release, spec.sae_id, device, dtype)
+        sae_id, path = f"{spec.release}/{spec.sae_id}", None
+    hook = _hook_name_of(sae)
+    try:
+        layer = hook_layer(hook)
+    except HookPointError as exc:
+        raise SaeLoadError(str(exc)) from exc
+    loaded = LoadedSae(sae=sae, id=sae_id, hook_name=hook, layer=layer, path=path)
+    if lm is not None:
+        check_fits(loaded, lm)
+    return loaded
+
+
+def check_fits(loaded: LoadedSae, lm: LoadedModel) -> None:
+    if loaded.d_in != lm.d_model:
+        raise SaeLoadError(
+            f"SAE '{loaded.id}' reads vectors of size d_in={loaded.d_in}, but model '{lm.name}' has width {lm.d_model}: "
+            "pick an SAE trained on this model"
+        )
+    if not 0 <= loaded.layer < lm.n_layers:
+        raise SaeLoadError(f"SAE '{loaded.id}' hooks layer {loaded.layer}, but the model has layers 0..{lm.n_layers - 1}")
