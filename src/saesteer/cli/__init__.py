@@ -1,0 +1,54 @@
+"""CLI subcommands; shared argument helpers and the error boundary live here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import EMBEDDED_MODEL, ConfigError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"'{EMBEDDED_MODEL}' (embedded, default), a local HF directory or a hub id")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from a hub repo (off by default)")
+
+
+def add_sae_args(p: argparse.ArgumentParser, layer_required: bool = False) -> None:
+    p.add_argument("--layer", type=int, required=layer_required, help="layer of a bundled SAE")
+    p.add_argument("--sae", default=None, help="bundled SAE id, a local sae-lens directory, or RELEASE:SAE_ID for a sae-lens release")
+
+
+def fail(message: str) -> int:
+    """Print a one-line error (no traceback) and return the exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, FileNotFoundError, RuntimeError)
+
+
+def sae_spec_from_args(args: argparse.Namespace):
+    """--sae / --layer -> SaeSpec: RELEASE:ID (sae-lens release), an existing directory (local), else a bundled id."""
+    from pathlib import Path
+
+    from ..config import SaeSpec
+
+    sae = getattr(args, "sae", None)
+    if sae and ":" in sae and not Path(sae).exists():
+        release, sae_id = sae.split(":", 1)
+        return SaeSpec(source="release", release=release, sae_id=sae_id)
+    if sae and Path(sae).expanduser().is_dir():
+        return SaeSpec(source="local", path=sae)
+    if sae:
+        return SaeSpec(source="bundled", sae_id=sae, layer=args.layer)
+    if args.layer is None:
+        raise ConfigError("give --layer L (a bundled SAE) or --sae (bundled id, directory, or RELEASE:SAE_ID)")
+    return SaeSpec(source="bundled", layer=args.layer)
+
+
+def model_spec_from_args(args: argparse.Namespace):
+    from ..config import ModelSpec
+
+    return ModelSpec(name=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
