@@ -23,8 +23,8 @@ def _docs(n: int, seed: int = 0) -> list[Doc]:
 
 def test_build_bundle_end_to_end(tmp_path):
     lm = make_tiny_model(n_layers=3, d_model=64)
-    params = TrainParams(layers=(0, 2), width=128, k=8, tokens=4000, epochs=2.0, context_size=32, batch_size=256,
-                         lr=1e-3, heldout_tokens=1000)
+    params = TrainParams(layers=(0, 2), width=128, k=8, tokens=4000, epochs=6.0, context_size=32, batch_size=128,
+                         lr=3e-3, heldout_tokens=1000)
     train = tokenize_corpus(lm.tokenizer, _docs(120), params.tokens, params.context_size)
     held = tokenize_corpus(lm.tokenizer, _docs(30, seed=1), params.heldout_tokens, params.context_size)
     out = tmp_path / "saes"

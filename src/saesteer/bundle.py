@@ -385,7 +385,14 @@ def build_bundle(
         **params.extra,
     }
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    path = out_root / "manifest.json"
+    if path.exists():  # rebuilding some layers keeps the other layers' entries
+        old = json.loads(path.read_text())
+        kept = [e for e in old.get("saes", []) if e["layer"] not in params.layers]
+        manifest["saes"] = sorted(kept + entries, key=lambda e: e["layer"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
     return manifest
 
 
