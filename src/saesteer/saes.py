@@ -62,7 +62,8 @@ class LoadedSae:
 
 
 def bundled_root(model_name: str = EMBEDDED_MODEL) -> Path:
-    return BUNDLED_ROOT / model_name
+    """Where SAEs bundled for ``model_name`` would live; hub ids and local paths map to a flat folder name."""
+    return BUNDLED_ROOT / model_name.strip("/").replace("/", "__")
 
 
 def read_manifest(model_name: str = EMBEDDED_MODEL) -> dict:

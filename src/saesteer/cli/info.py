@@ -1,0 +1,62 @@
+"""``python -m saesteer info``: the model's shape and the SAEs bundled for it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import USER_ERRORS, add_model_args, fail, model_spec_from_args
+
+SAE_KEYS = ("id", "layer", "width", "hook", "path")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def bundled_saes(model_name: str) -> list[dict]:
+    """SAEs shipped under assets/ for ``model_name``; none for a local directory or an unbundled hub id."""
+    from .. import saes
+
+    if Path(model_name).expanduser().exists():
+        return []
+    root = saes.bundled_root(model_name).resolve()
+    if not root.is_relative_to(saes.BUNDLED_ROOT.resolve()):
+        return []  # a name such as '../x' must not read a manifest outside assets/
+    return [{k: e.get(k) for k in SAE_KEYS} for e in saes.list_bundled(model_name)]
+
+
+def collect(args: argparse.Namespace) -> dict:
+    from .. import models
+
+    lm = models.load_model(model_spec_from_args(args))
+    d = lm.describe()
+    return {"model": {k: d[k] for k in ("name", "n_layers", "d_model", "vocab_size", "device")}, "saes": bundled_saes(args.model)}
+
+
+def format_table(info: dict) -> str:
+    m = info["model"]
+    lines = [
+        f"model  {m['name']}",
+        f"       {m['n_layers']} layers, d_model {m['d_model']}, vocab {m['vocab_size']}, device {m['device']}",
+        "",
+    ]
+    if not info["saes"]:
+        lines.append("SAEs   none bundled for this model (use --sae DIR or --sae RELEASE:SAE_ID)")
+        return "\n".join(lines)
+    rows = [("id", "layer", "width", "hook", "path")] + [tuple(str(s[k]) for k in SAE_KEYS) for s in info["saes"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(SAE_KEYS))]
+    lines.append("SAEs")
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        info = collect(args)
+    except USER_ERRORS as exc:
+        return fail(str(exc))
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0

@@ -1,0 +1,85 @@
+"""``python -m saesteer steer``: baseline and steered continuations of one prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError, SteerParams
+from . import USER_ERRORS, add_model_args, add_sae_args, fail, model_spec_from_args, sae_spec_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_sae_args(p)
+    # Parsed as strings so that bad values get saesteer's one-line error instead of argparse's usage dump.
+    p.add_argument("--feature", action="append", default=[], help="feature id (repeat for several features)")
+    p.add_argument("--strength", action="append", default=[], help="strength per --feature: amp (paper) or coefficient (additive)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--mode", default="paper", help="paper: amp·max act at the last position; additive: coeff·W_dec[f] everywhere")
+    p.add_argument("--max-new-tokens", default="32", help=f"tokens to generate, 1..{MAX_NEW_TOKENS_LIMIT}")
+    p.add_argument("--seed", default="0", help="sampling seed")
+    p.add_argument("--temperature", default="0", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--fast-decode", action="store_true", help="bf16 unembedding for single-stream CPU decoding (both runs)")
+    p.add_argument("--json", action="store_true", help='print {"baseline": ..., "steered": ...}')
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _float(value: str, what: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    return out
+
+
+def params_from_args(args: argparse.Namespace) -> SteerParams:
+    """Validate everything that needs no model, so bad input fails before the model loads."""
+    if not args.feature:
+        raise ConfigError("give at least one --feature F with a matching --strength S")
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty: give some text with --prompt")
+    features = tuple(_int(f, "--feature") for f in args.feature)
+    strengths = tuple(_float(s, "--strength") for s in args.strength)
+    return SteerParams(
+        features=features,
+        strengths=strengths,
+        mode=args.mode,
+        max_new_tokens=_int(args.max_new_tokens, "--max-new-tokens"),
+        temperature=_float(args.temperature, "--temperature"),
+        seed=_int(args.seed, "--seed"),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import models, saes, steering
+
+    try:
+        params = params_from_args(args)
+        sae_spec = sae_spec_from_args(args)
+        model_spec = model_spec_from_args(args)
+        lm = models.load_model(model_spec)
+        sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
+        for f in params.features:
+            sae.check_feature(f)
+        baseline, steered = steering.generate_pair(lm, sae, args.prompt, params, fast=args.fast_decode)
+    except USER_ERRORS as exc:
+        return fail(str(exc))
+    if args.json:
+        print(json.dumps({"baseline": baseline, "steered": steered}, ensure_ascii=False))
+        return 0
+    terms = ", ".join(f"{f}×{s:g}" for f, s in zip(params.features, params.strengths))
+    print(f"model {lm.name} · SAE {sae.id} (layer {sae.layer}) · {params.mode} mode · {terms}")
+    print(f"prompt:   {args.prompt}")
+    print(f"baseline: {baseline}")
+    print(f"steered:  {steered}")
+    return 0

@@ -1,0 +1,301 @@
+"""Steering core: the residual edit against the slow SAE encode/decode formula, invariants, generation."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_sae
+
+from saesteer.config import ConfigError, SteerParams
+from saesteer.saes import SaeLoadError
+from saesteer.steering import (
+    _forward_last,
+    capture_residuals,
+    generate,
+    generate_pair,
+    steer,
+    stream,
+)
+
+PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """max |actual − expected| <= rel · max |expected|: float32 keeps ~7 digits of vectors whose entries reach ~40."""
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:g} × {scale:.3g}"
+
+
+def assert_no_hooks(lm) -> None:
+    for name, module in lm.model.named_modules():
+        assert not module._forward_hooks, f"forward hook left on {name or 'model'}"
+        assert not module._forward_pre_hooks, f"forward pre-hook left on {name or 'model'}"
+
+
+def batch(lm, prompts):
+    enc = lm.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def resid(lm, layer, ids, mask):
+    with capture_residuals(lm, [layer]) as store, torch.no_grad():
+        lm.model(input_ids=ids, attention_mask=mask)
+    return store[layer]
+
+
+def slow_paper_last(sae, x_last, features, strengths):
+    """decode(a + Σ c_i·e_{f_i}) + (x − decode(a)), c_i = s_i · max_j a_j, with the SAE's own encode/decode.
+
+    Computed in float64 on a copy of the SAE: in float32 the difference of two large reconstructions loses
+    more than the 1e-5 the fast path is held to.
+    """
+    sae = copy.deepcopy(sae.sae).double()
+    x_last, strengths = x_last.double(), strengths.double()
+    a = sae.encode(x_last)  # (batch, d_sae)
+    peak = a.max(dim=-1).values  # (batch,)
+    a2 = a.clone()
+    for i, f in enumerate(features):
+        s = strengths[:, i] if strengths.ndim == 2 else strengths[i]
+        a2[:, f] += s * peak
+    return (sae.decode(a2) + (x_last - sae.decode(a))).float()
+
+
+@pytest.fixture(scope="module", params=["topk", "standard"])
+def any_sae(request):
+    return make_tiny_sae(arch=request.param)
+
+
+@pytest.mark.parametrize("features,strengths", [([5], [4.0]), ([5, 17, 99], [2.0, -1.5, 6.0])])
+def test_paper_mode_equals_slow_encode_decode(tiny_lm, any_sae, features, strengths):
+    ids, mask = batch(tiny_lm, PROMPTS)
+    x = resid(tiny_lm, any_sae.layer, ids, mask)
+    with steer(tiny_lm, any_sae, features, strengths, mode="paper"):
+        x_steered = resid(tiny_lm, any_sae.layer, ids, mask)
+    with torch.no_grad():
+        ref = slow_paper_last(any_sae, x[:, -1], features, torch.tensor(strengths))
+    assert_close_rel(x_steered[:, -1], ref)
+    assert torch.equal(x_steered[:, :-1], x[:, :-1])
+    assert not torch.allclose(x_steered[:, -1], x[:, -1], atol=1e-3)  # the edit is not a no-op
+    assert_no_hooks(tiny_lm)
+
+
+def test_paper_mode_multi_feature_is_sum_of_single_terms(tiny_lm, tiny_sae):
+    ids, mask = batch(tiny_lm, PROMPTS)
+    x = resid(tiny_lm, tiny_sae.layer, ids, mask)
+    deltas = []
+    for f, s in [(5, 2.0), (17, -1.5), (99, 6.0)]:
+        with steer(tiny_lm, tiny_sae, [f], [s]):
+            deltas.append(resid(tiny_lm, tiny_sae.layer, ids, mask) - x)
+    with steer(tiny_lm, tiny_sae, [5, 17, 99], [2.0, -1.5, 6.0]):
+        joint = resid(tiny_lm, tiny_sae.layer, ids, mask) - x
+    assert_close_rel(joint, sum(deltas))
+
+
+def test_paper_mode_per_row_strengths(tiny_lm, tiny_sae):
+    ids, mask = batch(tiny_lm, PROMPTS)
+    x = resid(tiny_lm, tiny_sae.layer, ids, mask)
+    s = torch.tensor([[0.0, 1.0], [2.0, -3.0], [8.0, 0.5], [-1.0, 20.0]])
+    with steer(tiny_lm, tiny_sae, [5, 17], s):
+        x_steered = resid(tiny_lm, tiny_sae.layer, ids, mask)
+    with torch.no_grad():
+        ref = slow_paper_last(tiny_sae, x[:, -1], [5, 17], s)
+    assert_close_rel(x_steered[:, -1], ref)
+    with pytest.raises(ConfigError, match="rows"), steer(tiny_lm, tiny_sae, [5, 17], s[:3]):
+        resid(tiny_lm, tiny_sae.layer, ids, mask)
+    assert_no_hooks(tiny_lm)
+
+
+def test_additive_mode_adds_coeff_times_decoder_row_everywhere(tiny_lm, tiny_sae):
+    ids, mask = batch(tiny_lm, PROMPTS)
+    x = resid(tiny_lm, tiny_sae.layer, ids, mask)
+    with steer(tiny_lm, tiny_sae, [7, 40], [3.0, -2.0], mode="additive"):
+        x_steered = resid(tiny_lm, tiny_sae.layer, ids, mask)
+    w = tiny_sae.sae.W_dec
+    assert_close_rel(x_steered, x + 3.0 * w[7] - 2.0 * w[40])
+
+
+@pytest.mark.parametrize("mode", ["paper", "additive"])
+def test_strength_zero_is_identical_to_baseline(tiny_lm, tiny_sae, mode):
+    ids, mask = batch(tiny_lm, PROMPTS)
+    with torch.no_grad():
+        base = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
+        module = tiny_lm.layers[tiny_sae.layer]
+        with steer(tiny_lm, tiny_sae, [5, 17], [0.0, -0.0], mode=mode):
+            assert len(module._forward_hooks) == 1  # the hook really runs
+            steered = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(base, steered)
+    kw = dict(max_new_tokens=12)
+    assert generate(tiny_lm, PROMPTS, sae=tiny_sae, features=[5, 17], strengths=[0.0, 0.0], mode=mode, **kw) == generate(tiny_lm, PROMPTS, **kw)
+
+
+def test_no_hook_left_after_normal_exit_and_exception(tiny_lm, tiny_sae):
+    ids, mask = batch(tiny_lm, PROMPTS[:1])
+    for mode in ("paper", "additive"):
+        with steer(tiny_lm, tiny_sae, [1], [1.0], mode=mode), torch.no_grad():
+            tiny_lm.model(input_ids=ids, attention_mask=mask)
+        assert_no_hooks(tiny_lm)
+        with pytest.raises(KeyError), steer(tiny_lm, tiny_sae, [1], [1.0], mode=mode):
+            raise KeyError("boom")
+        assert_no_hooks(tiny_lm)
+    # An exception raised inside the forward, by the steering hook itself (3 rows of strengths, batch 1).
+    with pytest.raises(ConfigError), steer(tiny_lm, tiny_sae, [1], torch.ones(3, 1)), capture_residuals(tiny_lm, [0, 3]), torch.no_grad():
+        tiny_lm.model(input_ids=ids, attention_mask=mask)
+    assert_no_hooks(tiny_lm)
+    assert tiny_lm.lock.acquire(blocking=False)  # and the lock was released
+    tiny_lm.lock.release()
+
+
+def test_generate_matches_transformers_generate(tiny_lm):
+    """The manual KV-cache loop (left padding, positions, EOS) against transformers' own greedy generate."""
+    ids, mask = batch(tiny_lm, PROMPTS)
+    with torch.no_grad():
+        ref = tiny_lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
+    expected = tiny_lm.tokenizer.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)
+    assert generate(tiny_lm, PROMPTS, max_new_tokens=15) == expected
+
+
+def test_per_row_strengths_equal_rows_generated_one_by_one(tiny_lm, tiny_sae):
+    prompts = [p for p in PROMPTS[:3] for _ in range(3)]
+    s = torch.tensor([[0.0, 0.0], [1.0, 0.5], [8.0, -2.0]] * 3)
+    for mode in ("paper", "additive"):
+        batched = generate(tiny_lm, prompts, sae=tiny_sae, features=[5, 17], strengths=s, mode=mode, max_new_tokens=12)
+        single = [
+            generate(tiny_lm, p, sae=tiny_sae, features=[5, 17], strengths=row.tolist(), mode=mode, max_new_tokens=12)[0]
+            for p, row in zip(prompts, s)
+        ]
+        assert batched == single
+        assert len(set(batched[:3])) > 1  # the strengths do change the text
+
+
+def test_sampling_is_reproducible(tiny_lm, tiny_sae):
+    kw = dict(sae=tiny_sae, features=[5], strengths=[2.0], max_new_tokens=12, temperature=1.0)
+    a = generate(tiny_lm, PROMPTS, seed=3, **kw)
+    assert a == generate(tiny_lm, PROMPTS, seed=3, **kw)
+    assert a != generate(tiny_lm, PROMPTS, seed=4, **kw)
+    assert a != generate(tiny_lm, PROMPTS, **{**kw, "temperature": 0.0})
+
+
+def test_generate_pair(tiny_lm, tiny_sae):
+    params = SteerParams(features=(5,), strengths=(8.0,), max_new_tokens=10)
+    base, steered = generate_pair(tiny_lm, tiny_sae, PROMPTS[0], params)
+    assert base == generate(tiny_lm, PROMPTS[0], max_new_tokens=10)[0]
+    assert steered == generate(tiny_lm, PROMPTS[0], sae=tiny_sae, features=[5], strengths=[8.0], max_new_tokens=10)[0]
+    assert base != steered
+
+
+def test_concurrent_threads_do_not_see_each_others_hooks(tiny_lm):
+    saes = [make_tiny_sae(seed=i) for i in range(4)]
+    jobs = [
+        dict(sae=saes[0], features=[5], strengths=[8.0]),
+        dict(sae=saes[1], features=[17, 3], strengths=[4.0, -6.0], mode="additive"),
+        dict(),  # unsteered
+        dict(sae=saes[3], features=[99], strengths=[20.0]),
+    ]
+    alone = [generate(tiny_lm, PROMPTS, max_new_tokens=10, **job) for job in jobs]
+    assert len({tuple(a) for a in alone}) == 4
+    results: dict[int, list[list[str]]] = {i: [] for i in range(4)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                results[i].append(generate(tiny_lm, PROMPTS, max_new_tokens=10, **jobs[i]))
+        except BaseException as exc:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        assert results[i] == [alone[i]] * 3
+    assert_no_hooks(tiny_lm)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_stream_concatenated_equals_generate(tiny_lm, tiny_sae, temperature):
+    for features, strengths in [((), ()), ((5, 17), (3.0, -1.0))]:
+        params = SteerParams(features=features, strengths=strengths, max_new_tokens=14, temperature=temperature, seed=2)
+        pieces = list(stream(tiny_lm, PROMPTS[2], sae=tiny_sae, params=params))
+        expected = generate(
+            tiny_lm, PROMPTS[2], sae=tiny_sae, features=features, strengths=strengths, max_new_tokens=14, temperature=temperature, seed=2
+        )[0]
+        assert "".join(pieces) == expected
+        if temperature == 0:
+            assert len(pieces) > 1
+    assert_no_hooks(tiny_lm)
+
+
+def test_stream_closed_early_releases_lock_and_hooks(tiny_lm, tiny_sae):
+    params = SteerParams(features=(5,), strengths=(4.0,), max_new_tokens=200)
+    it = stream(tiny_lm, PROMPTS[0], sae=tiny_sae, params=params)
+    next(it)
+    it.close()
+    assert_no_hooks(tiny_lm)
+    got = []
+    other = threading.Thread(target=lambda: got.append(tiny_lm.lock.acquire(timeout=10) and tiny_lm.lock.release() is None))
+    other.start()
+    other.join()
+    assert got == [True]
+
+
+def test_stream_inside_a_held_lock_decodes_inline(tiny_lm, tiny_sae):
+    params = SteerParams(features=(5,), strengths=(3.0,), max_new_tokens=10)
+    expected = generate(tiny_lm, PROMPTS[1], sae=tiny_sae, features=[5], strengths=[3.0], max_new_tokens=10)[0]
+    with tiny_lm.lock:  # a worker thread would wait for this lock forever
+        it = stream(tiny_lm, PROMPTS[1], sae=tiny_sae, params=params)
+        first = next(it)
+        assert len(tiny_lm.layers[tiny_sae.layer]._forward_hooks) == 1
+        assert first + "".join(it) == expected
+    assert_no_hooks(tiny_lm)
+
+
+def test_stream_validates_at_call_time(tiny_lm, tiny_sae):
+    with pytest.raises(ConfigError, match="empty"):
+        stream(tiny_lm, "  ", sae=tiny_sae, params=SteerParams())
+    with pytest.raises(SaeLoadError, match="out of range"):
+        stream(tiny_lm, "the sea", sae=tiny_sae, params=SteerParams(features=(128,), strengths=(1.0,)))
+
+
+def test_generate_rejects_bad_input(tiny_lm, tiny_sae):
+    with pytest.raises(ConfigError, match="empty"):
+        generate(tiny_lm, "")
+    with pytest.raises(ConfigError, match="limit is 3 tokens"):
+        generate(tiny_lm, "the king of france", max_prompt_tokens=3)
+    with pytest.raises(SaeLoadError, match="from 0 to 127"):
+        generate(tiny_lm, "the sea", sae=tiny_sae, features=[128], strengths=[1.0])
+    with pytest.raises(ConfigError, match="finite"):
+        generate(tiny_lm, "the sea", sae=tiny_sae, features=[1], strengths=[float("nan")])
+    with pytest.raises(ConfigError, match="out of range"):
+        generate(tiny_lm, "the sea", sae=tiny_sae, features=[1], strengths=[1e6])
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(tiny_lm, "the sea", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="one strength per feature"):
+        generate(tiny_lm, "the sea", sae=tiny_sae, features=[1, 2], strengths=[1.0])
+    with pytest.raises(ConfigError, match="rows"):
+        generate(tiny_lm, ["the sea", "a cat"], sae=tiny_sae, features=[1], strengths=torch.ones(3, 1))
+    with pytest.raises(ConfigError, match="mode"):
+        generate(tiny_lm, "the sea", sae=tiny_sae, features=[1], strengths=[1.0], mode="sideways")
+    assert_no_hooks(tiny_lm)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fast_decode_head_is_close_to_float32(softcap):
+    """The bf16 unembedding of the batch-1 fast path against the float32 head (bf16 keeps ~3 significant digits)."""
+    lm = make_tiny_model(softcap=softcap)
+    ids, mask = batch(lm, PROMPTS[:1])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        exact, _ = _forward_last(lm, ids, mask, pos, None, fast=False)
+        fast, _ = _forward_last(lm, ids, mask, pos, None, fast=True)
+    assert torch.allclose(fast, exact, atol=2e-2 * exact.abs().max().item(), rtol=0)
+    assert not torch.equal(fast, exact)  # the fast path is really taken
+    plain = generate(lm, PROMPTS[:1], max_new_tokens=8, fast=True)
+    assert len(plain) == 1
