@@ -1,0 +1,142 @@
+"""Latency of the dashboard on the embedded Gemma 3 270M, measured in one run:
+
+- warm page switch: the server-side script run of each page (sidebar + page) once models and scores are
+  cached, through Streamlit's AppTest (browser rendering not included);
+- time to the first steered token after the Generate click (in-app, from the click's script run);
+- load time of one bundled layer's feature scores (cold, from disk) and of every layer's score table;
+- single-stream live decode tokens/s of ``steering.stream`` (steered, fast and float32 unembedding, and
+  unsteered).
+
+If no precomputed feature data is bundled yet, it is computed once for the chosen layer over a small
+slice of the bundled corpus into the app's on-disk cache (where the app would put it; bundled data takes
+precedence once it exists), and the output says so.
+
+    nice -n 15 python benchmarks/app.py [--layer 5] [--tokens 48] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["app.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py"]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def stream_rate(lm, sae, prompt: str, tokens: int, features: tuple[int, ...], fast: bool) -> tuple[float, float]:
+    """(seconds to the first piece, tokens per second after it) of one streamed continuation."""
+    from saesteer.config import SteerParams
+    from saesteer.steering import stream
+
+    params = SteerParams(features=features, strengths=(4.0,) * len(features), max_new_tokens=tokens)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for _ in stream(lm, prompt, sae=sae if features else None, params=params, fast=fast):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - t0, (n - 1) / (end - first) if n > 1 else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--corpus-tokens", type=int, default=20_000, help="corpus tokens if feature data must be computed")
+    args = parser.parse_args()
+
+    from saesteer.config import SaeSpec
+    from saesteer.features import FeatureData, bundled_dir, compute_many
+    from saesteer.models import load_model
+    from saesteer.saes import list_bundled, load_sae
+
+    t0 = time.perf_counter()
+    lm = load_model()
+    print(f"model: {lm.name} loaded in {time.perf_counter() - t0:.1f} s ({lm.n_params() / 1e6:.0f} M parameters, {lm.device}, {lm.dtype})")
+    bundled = list_bundled()
+    if not bundled:
+        print("no bundled SAEs are installed: this benchmark needs them (assets/saes/gemma-3-270m)")
+        return 1
+    sae = load_sae(SaeSpec(source="bundled", layer=args.layer), lm)
+    print(f"SAE: {sae.id} (bundled, trained), width {sae.width}")
+
+    # --- feature scores load time --------------------------------------------------------------------
+    from saesteer.ui.loaders import cache_feature_dir
+
+    data_dir = bundled_dir(sae.id)
+    if not (data_dir / "meta.json").exists():
+        data_dir = cache_feature_dir(lm.name, sae)
+        if (data_dir / "meta.json").exists():
+            print(f"no bundled feature data for {sae.id}: using the app's cached data in {data_dir}")
+        else:
+            from saesteer.bundle import pack_sequences
+            from saesteer.corpus import iter_bundled
+
+            print(f"no bundled feature data for {sae.id}: computing it over {args.corpus_tokens:,} corpus tokens into {data_dir} (not timed)…")
+            t0 = time.perf_counter()
+            data = compute_many(lm, [sae], pack_sequences(lm.tokenizer, iter_bundled("train"), 128), n_tokens=args.corpus_tokens)[0]
+            data.save(data_dir)
+            print(f"  computed in {time.perf_counter() - t0:.0f} s")
+    size = sum(p.stat().st_size for p in data_dir.iterdir()) / 1e6
+    loads = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        data = FeatureData.load(data_dir)
+        loads.append(time.perf_counter() - t0)
+    print(f"scores load, one layer ({size:.1f} MB on disk, cold FeatureData.load): median {median(loads) * 1e3:.0f} ms over {args.repeats}")
+
+    # --- the app through AppTest ---------------------------------------------------------------------
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.query_params.update({"layer": str(args.layer), "prompt": "From my experience,"})
+    t0 = time.perf_counter()
+    at.run()
+    print(f"first app run (model + SAE + scores into the caches): {time.perf_counter() - t0:.1f} s")
+    if at.exception:
+        print("app raised:", [e.value for e in at.exception])
+        return 1
+    for page in PAGES:  # warm every page once (plots, lens tokens, per-page caches)
+        at.switch_page(page).run()
+    switches: dict[str, list[float]] = {p: [] for p in PAGES}
+    for _ in range(args.repeats):
+        for page in PAGES:
+            t0 = time.perf_counter()
+            at.switch_page(page).run()
+            switches[page].append(time.perf_counter() - t0)
+    print("warm page switch (server-side script run, median):")
+    for page, times in switches.items():
+        print(f"  {page:<24} {median(times) * 1e3:7.0f} ms")
+    print(f"  all pages                {median([t for ts in switches.values() for t in ts]) * 1e3:7.0f} ms")
+
+    at.switch_page("pages/5_Steering_lab.py").run()
+    at.slider(key="lab_max_new").set_value(8).run()
+    firsts = []
+    for i in range(args.repeats):
+        at.text_area(key="lab_prompt").input(f"From my experience, {i}").run()
+        at.button(key="lab_go").click().run()
+        firsts.append(at.session_state["lab_last"]["first_token_s"])
+    print(f"first steered token after the Generate click (in-app, fast decode {at.checkbox(key='lab_fast').value}): median {median(firsts) * 1e3:.0f} ms over {args.repeats}")
+
+    # --- live decode ---------------------------------------------------------------------------------
+    feature = int(data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
+    print(f"single-stream decode, {args.tokens} new tokens, steering feature {feature} (median of {args.repeats}):")
+    for label, features, fast in (("steered, fast (bf16 unembedding)", (feature,), True), ("steered, float32", (feature,), False), ("unsteered, fast", (), True)):
+        runs = [stream_rate(lm, sae, "From my experience,", args.tokens, features, fast) for _ in range(args.repeats)]
+        print(f"  {label:<34} {median([r[1] for r in runs]):5.1f} tokens/s · first token {median([r[0] for r in runs]) * 1e3:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.exit(main())

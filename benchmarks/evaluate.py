@@ -1,0 +1,183 @@
+"""Cost of the steering evaluation on the embedded model, measured in one run, and a projection of a full run.
+
+1. Batched steered decoding (what the evaluation does: one ``generate`` call over prefixes × strengths,
+   per-row strengths, paper mode) against single-stream decoding of the same rows: decoded tokens/s.
+2. The continuation perplexity fast path (unembedding only at continuation positions) against the obvious
+   full-logits forward per row: time ratio and the largest NLL difference.
+3. One LoRA training step.
+4. A projection of ``eval`` with the default settings over ``--concepts`` concepts from these rates.
+5. ``--smoke``: a real run of the protocol (1 concept, 2 strengths, 4 prefixes, every method) end to end.
+
+The SAE is the bundled one of ``--layer`` when it exists. Without bundled feature data, selection needs
+scores: the smoke run then computes the logit lens of every feature, output scores of the concept's
+candidates and input scores from a short activation pass (``--input-tokens``), and says so. Without a
+bundled SAE it uses a random sae-lens TopK SAE, named as such; its numbers price the code path only.
+
+    nice -n 15 python benchmarks/evaluate.py [--layer 8] [--rows 256] [--tokens 8] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def load(layer: int):
+    from saesteer.config import SaeSpec
+    from saesteer.models import load_model
+    from saesteer.saes import SaeLoadError, load_sae
+
+    lm = load_model()
+    try:
+        return lm, load_sae(SaeSpec(layer=layer), lm), "bundled"
+    except SaeLoadError:
+        from conftest import make_tiny_sae
+
+        return lm, make_tiny_sae(d_in=lm.d_model, d_sae=4096, layer=layer, k=64), "RANDOM (untrained, prices the code path only)"
+
+
+def bench_generate(lm, sae, prefixes, rows: int, tokens: int, single: int) -> dict:
+    from saesteer.evaluate import PAPER_STRENGTHS
+    from saesteer.steering import generate
+
+    prompts = [prefixes[i % len(prefixes)] for i in range(rows)]
+    strengths = torch.tensor([[PAPER_STRENGTHS[i % len(PAPER_STRENGTHS)]] for i in range(rows)])
+    t0 = time.perf_counter()
+    batched = generate(lm, prompts, sae=sae, features=[3], strengths=strengths, max_new_tokens=tokens)
+    t_batch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    alone = [generate(lm, [prompts[i]], sae=sae, features=[3], strengths=strengths[i : i + 1], max_new_tokens=tokens)[0] for i in range(single)]
+    t_single = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(alone, batched))
+    return {"batched_tok_s": rows * tokens / t_batch, "single_tok_s": single * tokens / t_single, "same": f"{same}/{single}"}
+
+
+def bench_nll(lm, prefixes, rows: int, tokens: int, ref_rows: int = 16) -> dict:
+    from saesteer.evaluate import continuation_nll
+    from saesteer.steering import generate
+
+    pre = [prefixes[i % len(prefixes)] for i in range(rows)]
+    conts = generate(lm, pre, max_new_tokens=tokens)
+    t0 = time.perf_counter()
+    fast, count = continuation_nll(lm, pre, conts)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = []
+    with torch.no_grad():
+        for p, c in zip(pre[:ref_rows], conts[:ref_rows]):
+            pi = lm.tokenizer(p).input_ids
+            ci = lm.tokenizer(c, add_special_tokens=False).input_ids
+            logits = lm.model(input_ids=torch.tensor([pi + ci])).logits[0].float()
+            lp = logits.log_softmax(-1)[len(pi) - 1 : -1].gather(1, torch.tensor(ci)[:, None])[:, 0]
+            slow.append(-float(lp.mean()))
+    t_slow = time.perf_counter() - t0
+    per_row_fast, per_row_slow = t_fast / rows, t_slow / ref_rows
+    return {"positions_s": int(count.sum()) / t_fast, "ratio": per_row_slow / per_row_fast,
+            "max_diff": float(np.nanmax(np.abs(fast[:ref_rows] - np.array(slow))))}
+
+
+def bench_lora(lm, layer: int) -> float:
+    from saesteer.baselines import LoraParams, lora_adapter
+
+    texts = ["The apple tree in the garden gave red apples every autumn."] * 8
+    t0 = time.perf_counter()
+    with lora_adapter(lm, layer, texts, LoraParams(steps=1)):
+        pass
+    return time.perf_counter() - t0
+
+
+def projection(gen_rate: float, nll_rate: float, lora_step: float, n_concepts: int) -> dict:
+    from saesteer.evaluate import SAE_METHODS, EvalParams
+
+    p = EvalParams()
+    half = p.n_prefixes // 2
+    grid_rows = len(SAE_METHODS) * len(p.strengths) * half + len(p.diffmean_coeffs) * half
+    test_rows = (len(SAE_METHODS) + 3) * (p.n_prefixes - half)  # + diffmean, prompt, lora
+    rows = grid_rows + test_rows
+    gen = rows * p.max_new_tokens / gen_rate
+    nll = rows * p.max_new_tokens / nll_rate  # upper bound: identical texts are scored once
+    lora = p.lora.steps * lora_step
+    per = gen + nll + lora
+    return {"rows_per_concept": rows, "gen_s": gen, "nll_s": nll, "lora_s": lora, "minutes": per * n_concepts / 60}
+
+
+def smoke(lm, sae, kind: str, input_tokens: int) -> None:
+    from saesteer import features as F
+    from saesteer.baselines import LoraParams
+    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import iter_bundled
+    from saesteer.evaluate import EvalParams, FeatureScores, concept_token_ids, default_prefixes, run_evaluation
+
+    data = F.load_bundled(sae.id, lm.name) if kind == "bundled" else None
+    concept = "water"
+    if data is not None:
+        scores, how = FeatureScores.from_table(data.table, data.lens, "bundled"), "bundled feature data"
+    else:
+        from saesteer.scores import logit_lens
+
+        lens = logit_lens(lm, sae, k=20)
+        ids = concept_token_ids(lm.tokenizer, concept)
+        cands = lens.features[np.isin(lens.top_ids, ids).any(1)]
+        if len(cands) == 0:
+            print(f"smoke: no feature has {concept!r} in its logit-lens top-20; nothing to run")
+            return
+        seqs = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
+        d = F.compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=input_tokens, cache=False, use_bundled=False, features=cands)[0]
+        scores = FeatureScores.from_table(d.table, d.lens, f"smoke: {input_tokens} corpus tokens")
+        how = f"{len(cands)} candidates scored here; input scores from only {input_tokens} corpus tokens"
+    params = EvalParams(strengths=(2.0, 8.0), diffmean_coeffs=(0.3, 1.0), n_prefixes=4, lora=LoraParams(steps=4))
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        res = run_evaluation(lm, sae, scores, [concept], out, params, prefixes=default_prefixes(), n_concepts=1, log=print)
+        secs = time.perf_counter() - t0
+    t = res.timings.iloc[0]
+    print(f"smoke ({kind} SAE {sae.id}; {how}): {secs:.0f}s in all, {t['gen_seconds']:.0f}s decoding "
+          f"{t['row_steps']} row-steps = {t['row_steps'] / t['gen_seconds']:.1f} tokens/s, LoRA {t['lora_seconds']:.0f}s")
+    cols = ["method", "feature", "strength", "concept_score", "fluency", "combined"]
+    print(res.summary()[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for _, r in res.generations.query("split == 'test'").groupby("method").head(1).iterrows():
+        print(f"  {r['method']:>10} | {r['prefix']}{r['text']!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=256, help="rows of the batched generate call (the eval's batch size)")
+    ap.add_argument("--tokens", type=int, default=8, help="tokens decoded per row in the measurements")
+    ap.add_argument("--single", type=int, default=4, help="rows decoded one by one for the single-stream rate")
+    ap.add_argument("--concepts", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--input-tokens", type=int, default=20_000)
+    args = ap.parse_args()
+
+    from saesteer.evaluate import default_prefixes
+
+    lm, sae, kind = load(args.layer)
+    prefixes = default_prefixes()
+    print(f"model {lm.name}, SAE {sae.id} ({kind}), torch threads {torch.get_num_threads()}")
+    g = bench_generate(lm, sae, prefixes, args.rows, args.tokens, args.single)
+    print(f"steered decode: batched {args.rows} rows {g['batched_tok_s']:.1f} tok/s, single-stream {g['single_tok_s']:.1f} tok/s "
+          f"(x{g['batched_tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")
+    n = bench_nll(lm, prefixes, min(args.rows, 64), 24)
+    print(f"continuation NLL: {n['positions_s']:.0f} positions/s, x{n['ratio']:.1f} faster than one full forward per row, "
+          f"max |diff| {n['max_diff']:.2e} nats")
+    lora = bench_lora(lm, sae.layer)
+    print(f"LoRA: {lora:.1f}s for adapter setup + 1 step of 8 sentences")
+    pr = projection(g["batched_tok_s"], n["positions_s"], lora, args.concepts)
+    print(f"projection (default settings, {args.concepts} concepts): {pr['rows_per_concept']} rows/concept, "
+          f"{pr['gen_s']:.0f}s decode + <= {pr['nll_s']:.0f}s perplexity + {pr['lora_s']:.0f}s LoRA per concept "
+          f"=> <= {pr['minutes']:.0f} min")
+    if args.smoke:
+        smoke(lm, sae, kind, args.input_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``python -m saesteer scores``: output/input scores and activation statistics of an SAE's features."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from . import (
+    USER_ERRORS,
+    add_model_args,
+    add_sae_args,
+    fail,
+    model_spec_from_args,
+    sae_spec_from_args,
+)
+
+ONLY = ("all", "output", "input")
+SHOWN = 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_sae_args(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--features", default=None, help="feature ids, e.g. 1,2,3 or 10-20 (default: all)")
+    which.add_argument("--all", action="store_true", help="every feature of the SAE (the default)")
+    p.add_argument("--only", choices=ONLY, default="all",
+                   help="output: output score only (no corpus pass); input: input score and activation statistics only")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--out", default=None, help="write one row per feature to FILE.csv or FILE.parquet")
+    p.add_argument("--save", default=None, metavar="DIR", help="also save the full feature data (contexts, histograms) to DIR")
+    p.add_argument("--corpus", default="bundled", help="'bundled' (offline corpus, train split) or text files (.txt/.jsonl/.parquet, comma-separated)")
+    p.add_argument("--tokens", type=int, default=None, help="corpus tokens for the activation pass (default 200000)")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
+    p.add_argument("--batch-size", type=int, default=256, help="features scored per forward for the output score")
+    p.add_argument("--amp", type=float, default=10.0, help="output-score amplification (paper: 10)")
+
+
+def parse_features(text: str) -> list[int]:
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; raises ValueError naming the bad part."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"--features: {part!r} is not a feature id or range; use e.g. 1,2,3 or 10-20")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"--features: range {part!r} is empty; write the smaller id first")
+        out.extend(range(lo, hi + 1))
+    return list(dict.fromkeys(out))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from ..config import ConfigError, ScoreParams
+
+    if args.tokens is not None and args.tokens < 1:
+        raise ConfigError(f"--tokens must be a positive number of tokens, got {args.tokens}")
+    if args.context_size < 2:
+        raise ConfigError(f"--context-size must be at least 2 (BOS plus one token), got {args.context_size}")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix not in (".csv", ".parquet"):
+            raise ConfigError(f"--out {args.out}: use a .csv or .parquet file name")
+        if not out.parent.exists():
+            raise ConfigError(f"--out {args.out}: directory {out.parent} does not exist")
+    ScoreParams(amp=args.amp, batch_size=args.batch_size)
+
+
+class _Bars:
+    """One tqdm bar per stage, created on first report."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            unit = "tok" if stage == "activations" else "feat"
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, unit_scale=stage == "activations", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ScoreParams
+    from ..corpus import CorpusError, open_source
+    from ..features import (
+        DEFAULT_TOKENS,
+        FeatureDataError,
+        compute_many,
+        matching_bundled,
+    )
+    from ..models import load_model
+    from ..saes import load_sae
+
+    try:
+        _check_args(args)
+        features = parse_features(args.features) if args.features else None
+        sae_spec = sae_spec_from_args(args)
+        model_spec = model_spec_from_args(args)
+    except USER_ERRORS as exc:
+        return fail(str(exc))
+    try:
+        lm = load_model(model_spec)
+        sae = load_sae(sae_spec, lm, model_name=model_spec.name)
+        for f in features or []:
+            sae.check_feature(f)
+    except USER_ERRORS as exc:
+        return fail(str(exc))
+
+    params = ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    data = None
+    if args.only == "all" and args.corpus == "bundled" and args.tokens is None and not args.no_cache:
+        data = matching_bundled(lm, sae, params)  # shipped with the package: no corpus pass needed
+        if data is not None and features:
+            data = data.subset(features)
+    sequences = None
+    if args.only != "output" and data is None:
+        from ..bundle import pack_sequences
+
+        try:
+            docs = open_source(args.corpus, split="train")
+        except CorpusError as exc:
+            return fail(str(exc))
+        sequences = pack_sequences(lm.tokenizer, docs, args.context_size)
+    if data is not None:
+        print(f"using the feature data shipped for '{sae.id}' ({data.meta.get('n_tokens')} corpus tokens)", file=sys.stderr)
+    else:
+        bars = _Bars()
+        try:
+            data = compute_many(
+                lm, [sae], sequences, params, n_tokens=args.tokens or DEFAULT_TOKENS, only=args.only, cache=not args.no_cache,
+                progress=bars, features=features, corpus_name=args.corpus,
+            )[0]
+        except (CorpusError, FeatureDataError, ValueError) as exc:  # ValueError: e.g. a corpus with no tokens
+            return fail(str(exc))
+        finally:
+            bars.close()
+
+    table = data.table
+    if args.save:
+        data.save(args.save)
+    if args.out:
+        if args.out.endswith(".csv"):
+            table.to_csv(args.out, index=False)
+        else:
+            table.to_parquet(args.out, index=False)
+        print(f"wrote {len(table)} features of SAE '{sae.id}' (layer {sae.layer}) to {args.out}")
+        return 0
+    sort_by = "input_score" if args.only == "input" else "output_score"
+    shown = table if features else table.sort_values(sort_by, ascending=False, na_position="last").head(SHOWN)
+    cols = ["feature", "output_score", "input_score", "density", "max_activation", "top_tokens"]
+    print(shown[cols].to_string(index=False, max_colwidth=60, float_format=lambda v: f"{v:.4g}"))
+    if len(shown) < len(table):
+        print(f"({SHOWN} of {len(table)} features, highest {sort_by} first; --out FILE.csv writes all)")
+    return 0

@@ -1,0 +1,1 @@
+"""Streamlit views of saesteer: the only package under src/ that imports streamlit."""

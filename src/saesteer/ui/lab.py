@@ -1,0 +1,282 @@
+"""Steering lab: baseline and steered continuations streamed side by side, a strength sweep, a demo mode."""
+
+from __future__ import annotations
+
+import html
+import time
+from contextlib import closing
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from .. import plots
+from ..config import MAX_ABS_STRENGTH, NEUTRAL_PROMPT, PAPER_STRENGTHS, ConfigError, SteerParams
+from ..steering import generate, stream
+from .card import LAB_ROWS
+from .context import FEATURE, MODE, PROMPT, STRENGTH, AppContext
+from .data import live_lens_tokens
+from .exports import steering_vector
+from .render import md_token
+from .sweep import concept_hits, concept_targets, score_texts
+from .tables import demo_features, split_tokens
+
+MODES = {
+    "paper": "paper amp: x_last += amp · max_j a_j(x) · W_dec[f]",
+    "additive": "additive coefficient: x += c · W_dec[f] at every position",
+}
+DEFAULT_STRENGTH = {"paper": 4.0, "additive": 40.0}
+DEMO_STRENGTH = 4.0
+MAX_FEATURES = 6
+SWEEP_DEFAULT = (0.0, 0.8, 2.0, 4.0, 8.0, 20.0)
+BASELINE_CACHE = 16
+
+
+def strength_range(mode: str, max_activation: float | None) -> float:
+    """Slider bound: paper amps go to 20 (the paper's grid); additive coefficients scale with the feature."""
+    if mode == "paper":
+        return 20.0
+    scale = 10.0 * float(max_activation) if max_activation and max_activation > 0 else 200.0
+    return float(min(MAX_ABS_STRENGTH, max(50.0, round(scale, -1))))
+
+
+def _max_act(ctx: AppContext, feature: int) -> float | None:
+    if ctx.data is None:
+        return None
+    rows = ctx.data.table[ctx.data.table["feature"] == feature]
+    return float(rows["max_activation"].iloc[0]) if len(rows) else None
+
+
+def _initial_rows(ctx: AppContext) -> list[dict]:
+    feature = st.session_state.get(FEATURE)
+    if feature is None and ctx.data is not None and len(ctx.data.table):
+        feature = int(ctx.data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
+    if feature is None or not 0 <= int(feature) < ctx.sae.width:
+        feature = 0
+    strength = st.session_state.get(STRENGTH)
+    return [{"feature": int(feature), "strength": float(strength if strength is not None else DEFAULT_STRENGTH["paper"])}]
+
+
+def _text_box(prompt: str, continuation: str, color: str) -> str:
+    return (
+        f'<div style="border-left: 4px solid {color}; padding: 0.4em 0.8em; white-space: pre-wrap; font-size: 1.02em; min-height: 4em;">'
+        f'<span style="color: #888;">{html.escape(prompt)}</span>{html.escape(continuation)}</div>'
+    )
+
+
+def _stream_into(placeholder, prompt: str, pieces, color: str, since: float) -> tuple[str, float | None]:
+    """Render ``pieces`` (text increments) into ``placeholder`` as they come; returns the text and the
+    seconds from ``since`` (the click) to the first piece. The stream is closed even when the run is
+    interrupted (the user navigates away), which stops its decoding thread and frees the model."""
+    text = ""
+    first = None
+    with closing(pieces):
+        for piece in pieces:
+            if first is None:
+                first = time.perf_counter() - since
+            text += piece
+            placeholder.html(_text_box(prompt, text + "▌", color))
+    placeholder.html(_text_box(prompt, text, color))
+    return text, first
+
+
+def _rows_editor(ctx: AppContext, mode: str) -> list[dict]:
+    rows: list[dict] = st.session_state[LAB_ROWS]
+    width = ctx.sae.width
+
+    def update(i: int, field: str, key: str) -> None:
+        rows[i][field] = st.session_state[key]
+
+    remove = None
+    for i, row in enumerate(rows):
+        row["feature"] = min(max(0, int(row["feature"])), width - 1)
+        bound = strength_range(mode, _max_act(ctx, row["feature"]))
+        row["strength"] = min(max(-bound, float(row["strength"])), bound)
+        st.session_state[f"lab_f{i}"] = row["feature"]
+        st.session_state[f"lab_s{i}"] = row["strength"]
+        c1, c2, c3, c4 = st.columns([2, 6, 4, 1])
+        c1.number_input("Feature", 0, width - 1, step=1, key=f"lab_f{i}", on_change=update, args=(i, "feature", f"lab_f{i}"))
+        c2.slider("Strength" + (" (amp)" if mode == "paper" else " (coefficient)"), -bound, bound, step=0.1 if mode == "paper" else 1.0, key=f"lab_s{i}", on_change=update, args=(i, "strength", f"lab_s{i}"))
+        tokens = live_lens_tokens(ctx.lm, ctx.sae, row["feature"], k=6)
+        c3.markdown("promotes " + ", ".join(md_token(t) for t in tokens))
+        if len(rows) > 1 and c4.button("✕", key=f"lab_rm{i}", help="remove this feature"):
+            remove = i
+    if remove is not None:
+        rows.pop(remove)
+        st.rerun()
+    if len(rows) < MAX_FEATURES and st.button("Add a feature", key="lab_add"):
+        rows.append({"feature": rows[-1]["feature"], "strength": DEFAULT_STRENGTH[mode]})
+        st.rerun()
+    return rows
+
+
+def _demo_panel(ctx: AppContext) -> None:
+    st.markdown(
+        "**What you are looking at.** A language model's internal state can be broken into *features* with a sparse "
+        "autoencoder. Some features merely *light up* when a topic is in the text; others, when turned up, *make the "
+        "model talk about* that topic. The paper's lesson: **activation is not effect** — to steer a model without "
+        "labels or training, choose features by their **output score**, which measures the effect directly."
+    )
+    if ctx.data is None:
+        st.info("The demo presets need the feature scores of this SAE (see the Layers page).")
+        return
+    presets = demo_features(ctx.data.table, n=4)
+    if presets.empty:
+        st.info("No feature with a word-like top token to demonstrate in this SAE.")
+        return
+    cols = st.columns(len(presets))
+    for col, (_, row) in zip(cols, presets.iterrows()):
+        words = split_tokens(row["top_tokens"])[:4]
+        with col.container(border=True):
+            st.markdown(f"**Feature {int(row['feature'])}** — the “{html.escape(words[0].strip())}” feature" if words else f"**Feature {int(row['feature'])}**")
+            st.markdown(
+                "Turning it up makes the model use words like " + ", ".join(md_token(w) for w in words) + ". "
+                f"Output score **{row['output_score']:.2f}** (how reliably turning it up changes what the model says); "
+                + (f"input score {row['input_score']:.2f} (how often it lights up on those words when reading)." if row["input_score"] == row["input_score"] else "input score: not enough examples.")
+            )
+            if st.button("Try it", key=f"lab_demo_{int(row['feature'])}"):
+                st.session_state[LAB_ROWS] = [{"feature": int(row["feature"]), "strength": DEMO_STRENGTH}]
+                st.session_state["lab_mode"] = "paper"
+                st.session_state["lab_prompt"] = NEUTRAL_PROMPT
+                st.session_state["lab_autorun"] = True
+                st.rerun()
+
+
+def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, clicked: float) -> None:
+    left, right = st.columns(2)
+    left.markdown("**Baseline** (no steering)")
+    right.markdown("**Steered**")
+    base_box, steer_box = left.empty(), right.empty()
+    cache: dict = st.session_state.setdefault("lab_baselines", {})
+    base_key = (ctx.model_name, prompt, params.max_new_tokens, params.temperature, params.seed, fast)
+    base_box.html(_text_box(prompt, cache.get(base_key, "…"), "#7f7f7f"))
+    # The steered text first: it is what the user waits for; the baseline is cached per prompt and settings.
+    steered, first = _stream_into(steer_box, prompt, stream(ctx.lm, prompt, sae=ctx.sae, params=params, fast=fast), "#d62728", clicked)
+    if base_key in cache:
+        baseline = cache[base_key]
+    else:
+        plain = SteerParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed)
+        baseline, _ = _stream_into(base_box, prompt, stream(ctx.lm, prompt, params=plain, fast=fast), "#7f7f7f", clicked)
+        while len(cache) >= BASELINE_CACHE:
+            cache.pop(next(iter(cache)))
+        cache[base_key] = baseline
+    st.session_state["lab_last"] = {"prompt": prompt, "baseline": baseline, "steered": steered, "features": params.features, "first_token_s": first}
+
+
+def _show_last() -> None:
+    last = st.session_state.get("lab_last")
+    if not last:
+        return
+    left, right = st.columns(2)
+    left.markdown("**Baseline** (no steering)")
+    left.html(_text_box(last["prompt"], last["baseline"], "#7f7f7f"))
+    right.markdown("**Steered**")
+    right.html(_text_box(last["prompt"], last["steered"], "#d62728"))
+
+
+def _last_summary(ctx: AppContext) -> None:
+    last = st.session_state.get("lab_last")
+    if not last:
+        return
+    words = _targets(ctx, last["features"])
+    parts = []
+    if words:
+        parts.append(f"concept-token hits (the features' logit-lens words in the text): baseline {concept_hits(last['baseline'], words)}, steered {concept_hits(last['steered'], words)}")
+    if last.get("first_token_s") is not None:
+        parts.append(f"first steered token {last['first_token_s']:.2f} s after the click")
+    if parts:
+        st.caption(" · ".join(parts))
+
+
+def _targets(ctx: AppContext, features) -> list[str]:
+    tokens: list[str] = []
+    for f in features:
+        tokens += live_lens_tokens(ctx.lm, ctx.sae, int(f), k=20)
+    return concept_targets(tokens)
+
+
+def run_sweep(ctx: AppContext, prompt: str, features: list[int], grid: list[float], params: SteerParams) -> pd.DataFrame:
+    """One batched generation over the grid (every feature at each strength), scored for concept hits and fluency."""
+    strengths = torch.tensor([[s] * len(features) for s in grid], dtype=torch.float32)  # (n_grid, n_features)
+    texts = generate(
+        ctx.lm, [prompt] * len(grid), sae=ctx.sae, features=features, strengths=strengths, mode=params.mode,
+        max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
+    )
+    scores = score_texts(ctx.lm, prompt, texts, _targets(ctx, features))
+    return pd.concat([pd.DataFrame({"strength": grid}), scores, pd.DataFrame({"text": texts})], axis=1)
+
+
+def render(ctx: AppContext) -> None:
+    st.title("Steering lab")
+    from .common import require_sae
+
+    require_sae(ctx)
+    if st.toggle("Demo mode", key="lab_demo", help="preset features and plain-language explanations"):
+        _demo_panel(ctx)
+        st.divider()
+
+    st.session_state.setdefault("lab_prompt", st.session_state.get(PROMPT) or NEUTRAL_PROMPT)
+    prompt = st.text_area("Prompt", key="lab_prompt", height=80)
+    st.session_state.setdefault("lab_mode", st.session_state.get(MODE) or "paper")
+    mode = st.radio("Steering convention", list(MODES), format_func=MODES.get, key="lab_mode", horizontal=True)
+    if mode == "paper":
+        st.caption("Paper (Arad et al.): at every forward pass, the last position gets amp × (its largest SAE activation) × the feature's decoder direction.")
+    else:
+        st.caption("Neuronpedia-style: a fixed multiple of the feature's decoder direction is added at every position.")
+    if LAB_ROWS not in st.session_state or not st.session_state[LAB_ROWS]:
+        st.session_state[LAB_ROWS] = _initial_rows(ctx)
+    rows = _rows_editor(ctx, mode)
+
+    with st.expander("Sampling", expanded=False):
+        c1, c2, c3, c4 = st.columns(4)
+        temperature = c1.slider("Temperature", 0.0, 2.0, 0.0, 0.05, key="lab_temp", help="0 = greedy")
+        seed = int(c2.number_input("Seed", 0, 2**31 - 1, 0, key="lab_seed"))
+        max_new = c3.slider("Max new tokens", 1, 256, 32, key="lab_max_new")
+        fast = c4.checkbox("Fast decode", value=ctx.lm.device.type == "cpu", key="lab_fast", help="bf16 copy of the unembedding for single-stream CPU decoding; text can differ slightly from float32")
+
+    st.session_state[PROMPT] = prompt
+    st.session_state[MODE] = mode
+    st.session_state[STRENGTH] = float(rows[0]["strength"])
+    st.session_state[FEATURE] = int(rows[0]["feature"])
+    try:
+        params = SteerParams(
+            features=tuple(int(r["feature"]) for r in rows), strengths=tuple(float(r["strength"]) for r in rows),
+            mode=mode, max_new_tokens=int(max_new), temperature=float(temperature), seed=seed,
+        )
+    except ConfigError as exc:
+        st.error(str(exc))
+        st.stop()
+
+    autorun = st.session_state.pop("lab_autorun", False)
+    if st.button("Generate", type="primary", key="lab_go") or autorun:
+        clicked = time.perf_counter()
+        try:
+            _run_pair(ctx, prompt, params, fast, clicked)
+        except ConfigError as exc:
+            st.error(str(exc))
+    else:
+        _show_last()
+    _last_summary(ctx)
+
+    with st.expander("Strength sweep: concept hits and fluency against strength"):
+        st.caption("Every selected feature is set to each strength in turn; one batched generation covers the grid. "
+                   "Concept hits: the features' logit-lens words in the text. Perplexity: of the text under the unsteered model.")
+        options = sorted(set((0.0,) + PAPER_STRENGTHS)) if mode == "paper" else [0.0, 10.0, 20.0, 50.0, 100.0, 200.0, 400.0]
+        default = [s for s in SWEEP_DEFAULT if s in options] if mode == "paper" else options[:5]
+        grid = st.multiselect("Strengths", options, default=default, key=f"lab_grid_{mode}")
+        if st.button("Run sweep", key="lab_sweep") and grid:
+            with st.spinner(f"Generating {len(grid)} continuations…"):
+                st.session_state["lab_sweep_result"] = run_sweep(ctx, prompt, [int(r["feature"]) for r in rows], sorted(grid), params)
+        result = st.session_state.get("lab_sweep_result")
+        if result is not None:
+            st.plotly_chart(plots.sweep_figure(result), key="lab_sweep_chart")
+            st.dataframe(result, hide_index=True, key="lab_sweep_table")
+
+    st.download_button(
+        "Steering vector (safetensors)",
+        steering_vector(ctx.sae, list(params.features), list(params.strengths), mode, ctx.model_name),
+        file_name=f"steer-L{ctx.sae.layer}-{'-'.join(map(str, params.features))}.safetensors",
+        mime="application/octet-stream",
+        key="lab_vector",
+        on_click="ignore",
+    )

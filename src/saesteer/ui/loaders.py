@@ -1,0 +1,328 @@
+"""Every heavy object the app uses, loaded once per process through ``st.cache_resource``.
+
+Models and SAEs are shared by all sessions (see the locking notes in ``steering.py``). Feature data comes
+from the bundled assets, from the on-disk cache, or is computed by a background job that writes to the
+cache, so a user can leave the page while it runs and come back to the result.
+
+Test fixture: with ``SAESTEER_TEST_FIXTURE=tiny`` the loaders return the tiny random model and SAEs of
+``tests/conftest.py`` and feature data computed on them (for AppTest and the browser test). The sidebar
+says so on every page: those numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from ..config import ModelSpec, SaeSpec
+from ..models import LoadedModel, cache_root
+from ..saes import ASSETS, LoadedSae
+
+FIXTURE_ENV = "SAESTEER_TEST_FIXTURE"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+FEATURES_ROOT = ASSETS / "features"
+TINY_MODEL = "tiny-gemma3"
+TINY_LAYERS = (1, 2, 3)
+
+
+def fixture_mode() -> str | None:
+    """'tiny' when the app runs on the test fixture, else None."""
+    value = os.environ.get(FIXTURE_ENV, "").strip().lower()
+    return value or None
+
+
+def allowed_roots() -> list[Path]:
+    """Folders that paths coming from a URL may point into."""
+    return [ASSETS, cache_root()]
+
+
+@dataclass(frozen=True)
+class SaeChoice:
+    """One SAE the layer picker offers."""
+
+    layer: int
+    label: str
+    spec: SaeSpec
+    ref: str
+    """The value of the ``sae`` query parameter that names this SAE."""
+    width: int | None = None
+    metrics: dict | None = None
+    """Quality of a bundled SAE on held-out text (fve, ce_loss_recovered, dead_fraction...)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test fixture
+
+
+def _conftest():
+    path = REPO_ROOT / "tests" / "conftest.py"
+    if not path.exists():
+        raise RuntimeError(f"{FIXTURE_ENV}=tiny needs the repository's tests/conftest.py, which is missing here")
+    spec = importlib.util.spec_from_file_location("_saesteer_test_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@st.cache_resource(show_spinner=False)
+def _tiny_parts() -> dict:
+    module = _conftest()
+    lm = module.make_tiny_model()
+    saes = {layer: module.make_tiny_sae(layer=layer, seed=layer) for layer in TINY_LAYERS}
+    return {"lm": lm, "saes": saes, "words": module.WORDS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and SAEs
+
+
+@st.cache_resource(show_spinner="Loading the model (the first load of the embedded model takes about two minutes)…", max_entries=2)
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """The model ``spec`` names (raises ModelLoadError / ConfigError with a message for the user)."""
+    if fixture_mode() == "tiny":
+        return _tiny_parts()["lm"]
+    from ..models import load_model as _load
+
+    return _load(spec)
+
+
+def sae_choices(model_name: str, source: str = "bundled", release: str | None = None) -> list[SaeChoice]:
+    """SAEs the layer picker offers: bundled ones of the model, or the SAEs of a sae-lens release."""
+    if fixture_mode() == "tiny":
+        return [
+            SaeChoice(layer=l, label=f"layer {l} · tiny-topk-L{l} (test fixture)", spec=SaeSpec(source="bundled", layer=l, sae_id=f"tiny-topk-L{l}"), ref=f"tiny-topk-L{l}", width=128)
+            for l in TINY_LAYERS
+        ]
+    if source == "bundled":
+        from ..saes import list_bundled
+
+        return [
+            SaeChoice(layer=e["layer"], label=f"layer {e['layer']} · {e['id']}", spec=SaeSpec(source="bundled", layer=e["layer"], sae_id=e["id"]), ref=e["id"], width=e.get("width"), metrics=e.get("metrics"))
+            for e in list_bundled(model_name)
+        ]
+    if source == "release" and release:
+        return release_choices(release)
+    return []
+
+
+@st.cache_data(show_spinner=False)
+def release_ids(release: str) -> list[str] | None:
+    """SAE ids of a sae-lens release from sae-lens' packaged directory (no network), or None if unknown."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        return None
+    return list(directory[release].saes_map)
+
+
+_LAYER_IN_ID = re.compile(r"(?:layer|blocks?|l)[_.-]?(\d+)", re.IGNORECASE)
+
+
+def release_choices(release: str) -> list[SaeChoice]:
+    ids = release_ids(release) or []
+    out = []
+    for sae_id in ids:
+        m = _LAYER_IN_ID.search(sae_id)
+        layer = int(m.group(1)) if m else -1
+        out.append(SaeChoice(layer=layer, label=f"layer {layer if layer >= 0 else '?'} · {sae_id}", spec=SaeSpec(source="release", release=release, sae_id=sae_id), ref=f"{release}:{sae_id}"))
+    return sorted(out, key=lambda c: (c.layer, c.spec.sae_id))
+
+
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=16)
+def load_sae(spec: SaeSpec, model_spec: ModelSpec, _lm: LoadedModel) -> LoadedSae:
+    """The SAE ``spec`` names, checked against the model (raises SaeLoadError with a message)."""
+    if fixture_mode() == "tiny":
+        saes = _tiny_parts()["saes"]
+        layer = spec.layer if spec.layer is not None else int(str(spec.sae_id).rsplit("L", 1)[-1])
+        if layer not in saes:
+            from ..saes import SaeLoadError
+
+            raise SaeLoadError(f"no test-fixture SAE at layer {layer}; fixture layers: {', '.join(map(str, TINY_LAYERS))}")
+        return saes[layer]
+    from ..saes import load_sae as _load
+
+    return _load(spec, _lm, model_name=model_spec.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature data: bundled, cached, or computed by a background job
+
+
+def _slug(text: str) -> str:
+    clean = re.sub(r"[^\w.-]+", "_", text).strip("_")[:60]
+    return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def bundled_feature_dir(model_name: str, sae_id: str) -> Path:
+    return FEATURES_ROOT / model_name / sae_id
+
+
+def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
+    """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
+    from ..store import sae_fingerprint
+
+    return cache_root() / "app-features" / _slug(model_name) / f"{_slug(sae.id)}-{_fingerprint(sae, sae_fingerprint)}"
+
+
+def _fingerprint(sae: LoadedSae, fn) -> str:
+    # Hashing the full weights takes a moment for a large SAE: once per loaded SAE object.
+    if sae.sae not in _FINGERPRINTS:
+        _FINGERPRINTS[sae.sae] = fn(sae)
+    return _FINGERPRINTS[sae.sae]
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def feature_data_dir(model_name: str, sae: LoadedSae) -> Path | None:
+    """Where this SAE's feature data lies (bundled first, then the cache), or None if nowhere yet."""
+    for path in (bundled_feature_dir(model_name, sae.id), cache_feature_dir(model_name, sae)):
+        if _has_data(path):
+            return path
+    return None
+
+
+@st.cache_resource(show_spinner="Loading feature scores…", max_entries=12)
+def _load_feature_dir(path: str, stamp: float):
+    from ..features import FeatureData
+
+    return FeatureData.load(Path(path))
+
+
+def _has_data(path: Path) -> bool:
+    return (path / "meta.json").exists()
+
+
+@st.cache_resource(show_spinner="Computing feature data on the test fixture…", max_entries=8)
+def _tiny_feature_data(layer: int):
+    from .fixture import tiny_feature_data
+
+    parts = _tiny_parts()
+    return tiny_feature_data(parts["lm"], parts["saes"][layer], parts["words"])
+
+
+def load_feature_data(model_name: str, sae: LoadedSae):
+    """The FeatureData of ``sae`` if bundled or cached, else None (compute it with :func:`start_job`)."""
+    if fixture_mode() == "tiny":
+        return _tiny_feature_data(sae.layer)
+    path = feature_data_dir(model_name, sae)
+    if path is None:
+        return None
+    return _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime)
+
+
+def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae | None = None, current_data=None) -> dict[int, object]:
+    """Scores tables of every offered SAE whose feature data is already available (nothing is computed)."""
+    out = {}
+    for choice in choices:
+        if fixture_mode() == "tiny":
+            out[choice.layer] = _tiny_feature_data(choice.layer).table
+        elif choice.spec.source == "bundled" and _has_data(bundled_feature_dir(model_name, choice.ref)):
+            path = bundled_feature_dir(model_name, choice.ref)
+            out[choice.layer] = _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table
+    if current is not None and current_data is not None:
+        out[current.layer] = current_data.table
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class Job:
+    """A feature-data computation running in a background thread (one per model + SAE per process)."""
+
+    key: str
+    target: Path
+    progress: float = 0.0
+    message: str = "starting"
+    error: str | None = None
+    done: bool = False
+    started: float = field(default_factory=time.time)
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return not self.done and self.error is None
+
+
+class JobRegistry:
+    """Background jobs shared by every session, so a job survives its page being left."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def start(self, key: str, target: Path, work: Callable[[Callable[[float, str], None]], object]) -> Job:
+        """Run ``work(report)`` in a thread unless a job with ``key`` is already running; ``report(fraction, message)``."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.running:
+                return job
+            job = Job(key=key, target=target)
+            self._jobs[key] = job
+
+        def report(fraction: float, message: str = "") -> None:
+            job.progress = min(1.0, max(0.0, float(fraction)))
+            if message:
+                job.message = message
+
+        def run() -> None:
+            try:
+                work(report)
+                job.progress, job.message, job.done = 1.0, "done", True
+            except Exception as exc:  # shown to the user in the page; the app stays up
+                job.error = f"{exc.__class__.__name__}: {exc}"
+                job.message = "".join(traceback.format_exception_only(exc)).strip()
+
+        job.thread = threading.Thread(target=run, name=f"saesteer-job-{key[:24]}", daemon=True)
+        job.thread.start()
+        return job
+
+
+@st.cache_resource(show_spinner=False)
+def jobs() -> JobRegistry:
+    return JobRegistry()
+
+
+def job_key(model_name: str, sae: LoadedSae) -> str:
+    return f"{model_name}|{sae.id}|{sae.hook_name}"
+
+
+def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens: int = 200_000) -> Job:
+    """Compute feature data for ``sae`` over the bundled corpus in the background and save it to the cache.
+
+    The scoring pipeline caches its intermediate results too, so an interrupted job resumes where it stopped.
+    """
+    target = cache_feature_dir(model_name, sae)
+
+    def work(report: Callable[[float, str], None]) -> None:
+        from ..bundle import pack_sequences
+        from ..corpus import iter_bundled
+        from ..features import compute_many
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            report(done / total if total else 0.0, f"{stage}: {done:,}" + (f" of {total:,}" if total else ""))
+
+        sequences = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
+        data = compute_many(lm, [sae], sequences, n_tokens=n_tokens, progress=progress, corpus_name="bundled")[0]
+        data.save(target)
+
+    return jobs().start(job_key(model_name, sae), target, work)

@@ -1,0 +1,129 @@
+"""Pure DataFrame shaping for the pages: ranking, filtering, paging, threshold shares, demo presets.
+
+A scores table has one row per feature with columns feature, output_score, input_score (NaN when the
+feature has too few contexts), density, max_activation, top_tokens (" | "-joined), bottom_tokens,
+n_contexts, min_rank, max_prob.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import pandas as pd
+
+SORT_COLUMNS = ("output_score", "input_score")
+
+
+def split_tokens(joined: object) -> list[str]:
+    """The " | "-joined token list of a table cell as a list (empty cell -> [])."""
+    if joined is None or (isinstance(joined, float) and math.isnan(joined)):
+        return []
+    return [t for t in str(joined).split(" | ") if t != ""]
+
+
+def norm_token(token: str) -> str:
+    """Token compared across spellings: SentencePiece '▁' and surrounding whitespace dropped, lower case."""
+    return token.replace("▁", " ").strip().lower()
+
+
+def filter_features(table: pd.DataFrame, input_min: float = 0.0, output_min: float = 0.0, search: str = "") -> pd.DataFrame:
+    """Rows passing both thresholds (a missing input score passes only a zero input threshold) and whose
+    top or bottom logit-lens tokens contain ``search`` (case-insensitive substring)."""
+    keep = table["output_score"].fillna(0) >= output_min
+    if input_min > 0:
+        keep &= table["input_score"].fillna(-1) >= input_min
+    query = search.strip().lower()
+    if query:
+        text = (table["top_tokens"].fillna("").astype(str) + " | " + table["bottom_tokens"].fillna("").astype(str)).str.replace("▁", " ").str.lower()
+        keep &= text.str.contains(query, regex=False)
+    return table[keep]
+
+
+def ranked(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Features sorted by ``by`` (descending, missing scores last, ties by feature id), with a 1-based rank."""
+    if by not in SORT_COLUMNS:
+        raise ValueError(f"sort column must be one of {SORT_COLUMNS}, got {by!r}")
+    out = table.sort_values([by, "feature"], ascending=[False, True], na_position="last", kind="stable").reset_index(drop=True)
+    out.insert(0, "rank", range(1, len(out) + 1))
+    return out
+
+
+def n_pages(n_rows: int, page_size: int) -> int:
+    return max(1, math.ceil(n_rows / page_size))
+
+
+def page_of(frame: pd.DataFrame, page: int, page_size: int) -> pd.DataFrame:
+    """Rows of 1-based ``page`` (clamped to the last page)."""
+    page = min(max(1, page), n_pages(len(frame), page_size))
+    return frame.iloc[(page - 1) * page_size : page * page_size]
+
+
+def threshold_shares(frames: Mapping[int, pd.DataFrame], input_min: float, output_min: float) -> pd.DataFrame:
+    """Per layer: the share of features with input score ≥ ``input_min``, output score ≥ ``output_min``, both.
+
+    Shares are over all features of the layer (a feature without an input score counts as below).
+    """
+    rows = []
+    for layer in sorted(frames):
+        t = frames[layer]
+        n = len(t)
+        inp = t["input_score"].fillna(-1) >= input_min
+        out = t["output_score"].fillna(-1) >= output_min
+        rows.append(
+            {
+                "layer": layer,
+                "features": n,
+                "with_input_score": int(t["input_score"].notna().sum()),
+                "input_share": float(inp.mean()) if n else 0.0,
+                "output_share": float(out.mean()) if n else 0.0,
+                "both_share": float((inp & out).mean()) if n else 0.0,
+                "median_input": float(t["input_score"].median()) if n else float("nan"),
+                "median_output": float(t["output_score"].median()) if n else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _word(token: str) -> bool:
+    text = token.replace("▁", " ").strip()
+    return len(text) >= 3 and text.isascii() and text.isalpha()
+
+
+def _initial_word(token: str) -> bool:
+    """A whole word as the tokenizer writes it at a word start (leading space), not a fragment."""
+    return token.startswith((" ", "▁")) and _word(token)
+
+
+def demo_features(table: pd.DataFrame, n: int = 4, min_coherence: int = 3) -> pd.DataFrame:
+    """Up to ``n`` features for a demonstration: high output score and a top logit-lens token that is a
+    word, each with a different word.
+
+    Features whose top-10 lens tokens hold at least ``min_coherence`` whole words (leading space, letters)
+    are preferred, when there are ``n`` of them: their effect reads as a topic, not as word fragments.
+    Ties in output score (many features saturate at 1) go to the more coherent, then to the higher input
+    score.
+    """
+    rows = []
+    for rec in table[["feature", "output_score", "input_score", "top_tokens"]].itertuples(index=False):
+        tokens = split_tokens(rec.top_tokens)
+        if tokens and _word(tokens[0]):
+            rows.append((rec.feature, sum(_initial_word(t) for t in tokens[:10])))
+    pool = pd.DataFrame(rows, columns=["feature", "coherence"])
+    if (pool["coherence"] >= min_coherence).sum() >= n:
+        pool = pool[pool["coherence"] >= min_coherence]
+    cand = table.merge(pool, on="feature").sort_values(
+        ["output_score", "coherence", "input_score", "feature"], ascending=[False, False, False, True], na_position="last", kind="stable"
+    )
+    seen: set[str] = set()
+    picked = []
+    for _, row in cand.iterrows():
+        word = norm_token(split_tokens(row["top_tokens"])[0])
+        if word in seen:
+            continue
+        seen.add(word)
+        picked.append(row.drop(labels="coherence"))
+        if len(picked) == n:
+            break
+    return pd.DataFrame(picked).reset_index(drop=True) if picked else table.iloc[0:0]

@@ -1,0 +1,513 @@
+"""Steering evaluation: metrics on hand-made texts, the AxBench split and strength choice, feature selection,
+fast paths against obvious references (continuation NLL, residual means, batched steering), the baselines'
+invariants, and the whole protocol (with resume) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from saesteer.baselines import (
+    LoraParams,
+    add_vector,
+    diffmean,
+    lora_adapter,
+    mention_pattern,
+    mine_sentences,
+    residual_mean,
+)
+from saesteer.config import ConfigError
+from saesteer.corpus import Doc
+from saesteer.evaluate import (
+    EvalParams,
+    FeatureScores,
+    best_strength,
+    concept_mentions,
+    concept_token_ids,
+    continuation_nll,
+    list_runs,
+    load_results,
+    method_table,
+    ppl_factor,
+    repetition,
+    run_evaluation,
+    select_features,
+    split_prefixes,
+    success_at_k,
+    target_strings,
+)
+from saesteer.judge import Judge, harmonic_mean, judge_from_env, parse_rating
+from saesteer.steering import capture_residuals, generate
+
+PREFIXES = ["findings show that", "i once heard that", "i think about", "the city was", "my friend said", "in the night"]
+DOCS = [  # sentences of 30-300 characters count; the short one ("the apple was red.") does not
+    Doc("the apple was red. i think about the apple and the big tree. a king ate an apple at night in the city. "
+        "the apple tree is very old; my apples are green and good. she made bread with apple and water.", "t"),
+    Doc("the king of france was very old. the king said a good word to the queen. one king and two queens were there! "
+        "the king made war for the gold. his king was big and he was good.", "t"),
+    Doc("the sun is big and the moon is small. the sea was blue and the ship was new. "
+        "we are in the city at night with the dog. the dog and the cat are good friends. water and fire and gold and wine.", "t"),
+]
+
+
+def assert_no_hooks(lm) -> None:
+    for name, module in lm.model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, f"hook left on {name or 'model'}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics on hand-made texts
+
+
+def test_concept_mentions_whole_words_and_plurals():
+    assert concept_mentions("An apple, two Apples and a pineapple; APPLE!", "apple") == 3
+    assert concept_mentions("warm wards of war and wars", "war") == 2
+    assert concept_mentions("she ate ice   cream and ice", "ice cream") == 1
+    assert concept_mentions("nothing here", "dog") == 0
+    with pytest.raises(ConfigError):
+        mention_pattern("   ")
+
+
+def test_success_at_k_counts_distinct_whole_word_targets():
+    targets = target_strings([" Apple", "apple", "apples", "fruit", " ,", "a", "\n", "pie"])
+    assert targets == ["apple", "apples", "fruit", "pie"]  # deduplicated, punctuation and 1-char strings dropped
+    assert success_at_k("Apples and fruit, fruit, fruit.", targets) == 2
+    assert success_at_k("pineapple pies", targets) == 0
+    assert success_at_k("", targets) == 0
+
+
+def test_repetition_share_of_repeated_bigrams():
+    assert repetition("the cat sat on the mat") == 0.0
+    assert repetition("apple apple apple apple") == pytest.approx(1 - 1 / 3)
+    assert repetition("a b a b a b") == pytest.approx(1 - 2 / 5)
+    assert repetition("one") == 0.0 and repetition("") == 0.0
+    assert repetition("a b c a b c", n=3) == pytest.approx(1 - 3 / 4)
+
+
+def test_ppl_factor_is_one_at_reference_and_zero_at_cap():
+    assert ppl_factor(2.0, 4.0) == 1.0
+    assert ppl_factor(4.0, 4.0) == 1.0
+    assert ppl_factor(1000.0, 4.0) == 0.0
+    assert ppl_factor(5000.0, 4.0) == 0.0
+    mid = math.sqrt(4.0 * 1000.0)  # halfway in log space
+    assert ppl_factor(mid, 4.0) == pytest.approx(0.5)
+    assert ppl_factor(math.nan, 4.0) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split and strength choice
+
+
+@pytest.mark.parametrize("n", [2, 5, 20, 28])
+def test_split_prefixes_is_a_seeded_half_partition(n):
+    train, test = split_prefixes(n, seed=3)
+    assert sorted(train + test) == list(range(n))
+    assert len(train) == n // 2 and len(test) == n - n // 2
+    assert train == sorted(train) and test == sorted(test)
+    assert (train, test) == split_prefixes(n, seed=3)
+
+
+def test_split_prefixes_depends_on_seed_and_rejects_one_prefix():
+    assert len({tuple(split_prefixes(20, seed=s)[0]) for s in range(6)}) > 1
+    with pytest.raises(ConfigError):
+        split_prefixes(1)
+
+
+def test_best_strength_takes_mean_argmax_and_breaks_ties_towards_small_strength():
+    frame = pd.DataFrame({
+        "strength": [0.5, 0.5, 2.0, 2.0, 8.0, 8.0],
+        "combined": [0.0, 1.0, 1.0, 0.2, 0.0, 0.0],
+    })
+    assert best_strength(frame) == 2.0  # mean 0.6 beats 0.5
+    tie = pd.DataFrame({"strength": [4.0, -1.0, 1.0, 2.0], "combined": [0.5, 0.5, 0.5, 0.1]})
+    assert best_strength(tie) == -1.0  # smallest |s|, then the smaller value
+    nan = pd.DataFrame({"strength": [3.0, 1.0, 3.0], "combined": [np.nan, np.nan, 0.2]})
+    assert best_strength(nan) == 3.0  # NaN rows ignored
+    assert best_strength(pd.DataFrame({"strength": [3.0, 0.4], "combined": [np.nan, np.nan]})) == 0.4
+    with pytest.raises(ValueError):
+        best_strength(frame.iloc[:0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Concepts and feature selection
+
+
+def test_concept_token_ids_single_tokens_only(tiny_lm):
+    tok = tiny_lm.tokenizer
+    apple = tok.convert_tokens_to_ids("apple")
+    assert concept_token_ids(tok, "apple") == [apple]
+    assert concept_token_ids(tok, "Apple") == [apple]  # the tiny tokenizer lower-cases
+    assert concept_token_ids(tok, "zebra") == []  # <unk> never counts
+    assert concept_token_ids(tok, "apple tree") == [apple]  # a phrase falls back to its first token
+
+
+def _scores(top_ids, output, inp) -> FeatureScores:
+    n = len(output)
+    return FeatureScores(np.arange(n), np.asarray(top_ids), np.asarray(output, float), np.asarray(inp, float))
+
+
+def test_select_features_picks_argmax_of_each_score_among_candidates():
+    top = [[1, 2], [3, 7], [7, 4], [5, 6], [7, 9]]
+    s = _scores(top, output=[0.9, 0.1, 0.5, 0.99, 0.3], inp=[0.0, 0.8, 0.2, 1.0, np.nan])
+    sel = select_features("x", [7], s, top_k=2, seed=0)
+    assert sel.candidates == [1, 2, 4]
+    assert sel.picks["sae_output"] == 2 and sel.picks["sae_input"] == 1
+    assert sel.picks["sae_random"] in sel.candidates
+    assert select_features("x", [7], s, top_k=2, seed=0).picks == sel.picks  # deterministic
+    randoms = {select_features("x", [7], s, top_k=2, seed=k).picks["sae_random"] for k in range(30)}
+    assert randoms == {1, 2, 4}
+    # top_k cuts the logit-lens lists: only features 2 and 4 have token 7 first
+    assert select_features("x", [7], s, top_k=1).candidates == [2, 4]
+
+
+def test_select_features_without_candidates_or_input_scores_is_skipped():
+    s = _scores([[1], [2]], output=[0.5, 0.1], inp=[np.nan, np.nan])
+    none = select_features("x", [9], s, top_k=1)
+    assert none.candidates == [] and set(none.skipped) == {"sae_output", "sae_input", "sae_random"}
+    part = select_features("x", [1, 2], s, top_k=1)
+    assert part.picks["sae_output"] == 0 and "sae_input" in part.skipped and "sae_input" not in part.picks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast paths against references
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_continuation_nll_matches_full_forward_per_row(softcap):
+    lm = make_tiny_model(softcap=softcap) if softcap else make_tiny_model()
+    prefixes = ["findings show that", "the king", "i once heard that the sun", "a"]
+    conts = ["the apple was red", "of france", "", "dog dog dog dog dog dog dog"]
+    nll, count = continuation_nll(lm, prefixes, conts, batch_size=3, chunk=5)
+    for i, (p, c) in enumerate(zip(prefixes, conts)):
+        pi = lm.tokenizer(p).input_ids
+        ci = lm.tokenizer(c, add_special_tokens=False).input_ids if c else []
+        assert count[i] == len(ci)
+        if not ci:
+            assert math.isnan(nll[i])
+            continue
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([pi + ci])).logits[0].double()
+        logp = logits.log_softmax(-1)[len(pi) - 1 : -1].gather(1, torch.tensor(ci)[:, None])[:, 0]
+        assert nll[i] == pytest.approx(-float(logp.mean()), rel=1e-5, abs=1e-6)
+
+
+def test_residual_mean_matches_per_text_capture(tiny_lm):
+    texts = ["the apple was red", "a king", "the sun is big and the moon is small"]
+    got = residual_mean(tiny_lm, 2, texts, batch_size=2)
+    vecs = []
+    for t in texts:
+        ids = torch.tensor([tiny_lm.tokenizer(t).input_ids])  # BOS first
+        with capture_residuals(tiny_lm, [2]) as store, torch.no_grad():
+            tiny_lm.model(input_ids=ids)
+        vecs.append(store[2][0, 1:].double())
+    ref = torch.cat(vecs)
+    assert got.count == ref.shape[0]
+    torch.testing.assert_close(got.mean, ref.mean(0), rtol=1e-5, atol=1e-6)
+    assert got.mean_norm == pytest.approx(float(ref.norm(dim=-1).mean()), rel=1e-5)
+
+
+def test_diffmean_direction_and_additive_edit(tiny_lm):
+    pos = residual_mean(tiny_lm, 2, ["the apple was red", "an apple tree"])
+    neg = residual_mean(tiny_lm, 2, ["the city at night", "we are good"])
+    dm = diffmean(pos, neg)
+    assert float(dm.unit.norm()) == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(dm.unit * dm.raw_norm, (pos.mean - neg.mean).float(), rtol=1e-4, atol=1e-5)
+    prompts = ["findings show that", "the king of france was"]
+    base = generate(tiny_lm, prompts, max_new_tokens=5)
+    with add_vector(tiny_lm, 2, dm.vector(1.0), torch.zeros(2)):
+        assert generate(tiny_lm, prompts, max_new_tokens=5) == base  # coefficient 0 changes nothing
+    with add_vector(tiny_lm, 2, dm.vector(1.0), torch.tensor([0.0, 20.0])):
+        steered = generate(tiny_lm, prompts, max_new_tokens=5)
+    assert steered[0] == base[0] and steered[1] != base[1]  # per-row coefficients stay on their row
+    assert_no_hooks(tiny_lm)
+    with pytest.raises(ConfigError):
+        with add_vector(tiny_lm, 2, dm.vector(1.0), torch.zeros(3)):
+            generate(tiny_lm, prompts, max_new_tokens=2)
+    assert_no_hooks(tiny_lm)
+
+
+def test_lora_adapter_trains_and_leaves_the_model_unchanged():
+    lm = make_tiny_model(seed=1)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    kinds = [type(m).__name__ for m in lm.model.modules()]
+    ids = torch.tensor([lm.tokenizer("the apple was red and the king").input_ids])
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+    texts = ["the apple was red.", "an apple tree is big.", "i think about the apple."]
+    with lora_adapter(lm, 2, texts, LoraParams(rank=2, steps=3, lr=5e-2, batch_size=2), seed=0) as report:
+        with torch.no_grad():
+            during = lm.model(input_ids=ids).logits
+        assert len(report.losses) == 3 and all(math.isfinite(x) for x in report.losses)
+        assert report.targets and all(t.startswith("model.layers.2.") for t in report.targets)
+        assert report.n_params > 0
+    assert not torch.allclose(during, ref)
+    with torch.no_grad():
+        after = lm.model(input_ids=ids).logits
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)
+    assert [type(m).__name__ for m in lm.model.modules()] == kinds
+    state = lm.model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_mine_sentences_reservoir_and_neutral_pool():
+    mined = mine_sentences(["apple", "king"], DOCS, n=3, n_neutral=4, seed=0)
+    assert len(mined.positive["apple"]) == 3 and len(mined.positive["king"]) == 3
+    assert all(mention_pattern("apple").search(s) for s in mined.positive["apple"])
+    assert all(mention_pattern("king").search(s) for s in mined.positive["king"])
+    assert len(mined.neutral) == 4
+    assert not any(mention_pattern(c).search(s) for s in mined.neutral for c in ("apple", "king"))
+    assert mine_sentences(["apple", "king"], DOCS, n=3, n_neutral=4, seed=0) == mined
+    everything = mine_sentences(["apple"], DOCS, n=100, n_neutral=100, seed=0)
+    assert len(everything.positive["apple"]) == 3  # every apple sentence of 30-300 characters (";" splits one)
+    assert "the apple was red." not in everything.positive["apple"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judge (no network: replies are given as text)
+
+
+def test_judge_rating_parsing_and_harmonic_mean():
+    assert parse_rating("The concept is clear.\nRating: [[2]]") == 2.0
+    assert parse_rating("Rating: [[1]] ... on reflection Rating: [[0]]") == 0.0
+    assert math.isnan(parse_rating("no rating here"))
+    assert harmonic_mean([2.0, 2.0, 1.0]) == pytest.approx(3 / (0.5 + 0.5 + 1.0))
+    assert harmonic_mean([2.0, 0.0, 2.0]) == 0.0
+    assert math.isnan(harmonic_mean([2.0, math.nan, 1.0]))
+    replies = {"concept": "Rating: [[2]]", "instruction": "Rating: [[1]]", "fluency": "explanation. Rating: [[2]]"}
+    seen = []
+
+    def complete(prompt: str) -> str:
+        seen.append(prompt)
+        key = "concept" if "[Concept Start]" in prompt else "instruction" if "[Instruction Start]" in prompt else "fluency"
+        return replies[key]
+
+    scores = Judge(complete, "hand").rate("apple", "findings show that", "apples are red")
+    assert (scores.concept, scores.instruction, scores.fluency) == (2.0, 1.0, 2.0)
+    assert scores.score == pytest.approx(1.5)
+    assert all("apples are red" in p for p in seen) and "apple" in seen[0]
+    with pytest.raises(ConfigError):
+        judge_from_env({})
+    with pytest.raises(ConfigError):
+        judge_from_env({"SAESTEER_JUDGE_URL": "http://localhost:1/v1"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole protocol on the tiny model
+
+
+def _tiny_scores(lm, sae) -> FeatureScores:
+    from saesteer.features import compute_many
+
+    seqs = [lm.tokenizer(d.text).input_ids for d in DOCS] * 4
+    data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
+    return FeatureScores.from_table(data.table, data.lens, "tiny")
+
+
+TINY = EvalParams(
+    strengths=(0.5, 4.0, 16.0), diffmean_coeffs=(0.5, 3.0), n_prefixes=4, max_new_tokens=6,
+    n_concept_texts=4, min_concept_texts=5, n_neutral_texts=8, lora=LoraParams(rank=2, steps=2, batch_size=2),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_lm, tiny_sae):
+    scores = _tiny_scores(tiny_lm, tiny_sae)
+    out = tmp_path_factory.mktemp("eval")
+    logs: list[str] = []
+    res = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
+                         n_concepts=2, docs=DOCS, log=logs.append)
+    return res, scores, out, logs
+
+
+def test_protocol_rows_follow_the_split_and_the_chosen_strength(tiny_run):
+    res, _, _, _ = tiny_run
+    g, units = res.generations, res.units
+    train, test = res.meta["train_prefixes"], res.meta["test_prefixes"]
+    assert sorted(train + test) == list(range(4)) and len(train) == 2
+    assert set(g["concept"]) == {"apple", "king"}  # zebra skipped, dog not reached (n_concepts=2)
+    skipped = units[units["concept"] == "zebra"]
+    assert (skipped["status"] == "skipped").all() and len(skipped) == len(TINY.methods)
+    assert "dog" not in set(units["concept"])
+    for (concept, method), part in g.groupby(["concept", "method"]):
+        unit = units[(units["concept"] == concept) & (units["method"] == method)].iloc[0]
+        t = part[part["split"] == "test"]
+        assert sorted(t["prefix_idx"]) == test
+        assert (t["strength"] == unit["best_strength"]).all()
+        tr = part[part["split"] == "train"]
+        if method in ("sae_output", "sae_input", "sae_random", "diffmean"):
+            grid = TINY.strengths if method != "diffmean" else TINY.diffmean_coeffs
+            assert sorted(tr["strength"].unique()) == sorted(grid)
+            assert set(tr["prefix_idx"]) == set(train) and len(tr) == len(grid) * len(train)
+            means = tr.groupby("strength")["combined"].mean()
+            assert means[unit["best_strength"]] == means.max()
+        elif method == "unsteered":
+            assert set(tr["prefix_idx"]) == set(train)
+        else:
+            assert tr.empty
+    assert (g["concept_score"] == (g["mentions"] > 0)).all()
+    scored = g["fluency"].notna()
+    assert np.allclose(g.loc[scored, "combined"], g.loc[scored, "concept_score"] * g.loc[scored, "fluency"])
+    assert ((g.loc[scored, "fluency"] >= 0) & (g.loc[scored, "fluency"] <= 1)).all()
+    # Perplexity is skipped only where it cannot matter: train rows without a mention (combined 0).
+    unscored = g[~scored]
+    assert (unscored["split"] == "train").all() and (unscored["mentions"] == 0).all() and (unscored["combined"] == 0).all()
+    assert g.loc[g["split"] == "test", "fluency"].notna().all()
+
+
+def test_protocol_picks_match_selection_and_batched_steering_equals_single(tiny_run, tiny_lm, tiny_sae):
+    res, scores, out, _ = tiny_run
+    g, units = res.generations, res.units
+    for concept in ("apple", "king"):
+        sel = select_features(concept, concept_token_ids(tiny_lm.tokenizer, concept), scores, TINY.top_k, TINY.seed)
+        for m in ("sae_output", "sae_input", "sae_random"):
+            unit = units[(units["concept"] == concept) & (units["method"] == m)].iloc[0]
+            if m in sel.picks:
+                assert unit["feature"] == sel.picks[m]
+                assert (g[(g["concept"] == concept) & (g["method"] == m)]["feature"] == sel.picks[m]).all()
+    # One batched call held all methods × strengths; each row must equal its own single-feature generation.
+    rows = g[(g["method"].isin(["sae_output", "sae_random"])) & (g["concept"] == "apple")].head(8)
+    for _, r in rows.iterrows():
+        alone = generate(tiny_lm, [r["prompt"]], sae=tiny_sae, features=[int(r["feature"])], strengths=[r["strength"]],
+                         mode="paper", max_new_tokens=TINY.max_new_tokens)[0]
+        assert alone == r["text"]
+    # DiffMean and prompt rows shared those calls too (zero strengths elsewhere); each equals its own call.
+    texts = json.loads((out / "concept_texts.json").read_text())
+    dm = diffmean(residual_mean(tiny_lm, 2, texts["concepts"]["apple"]["texts"]), residual_mean(tiny_lm, 2, texts["neutral"]))
+    assert res.units.set_index(["concept", "method"]).loc[("apple", "diffmean"), "diffmean_norm"] == pytest.approx(dm.raw_norm, rel=1e-5)
+    for _, r in g[(g["method"] == "diffmean") & (g["concept"] == "apple")].iloc[::3].iterrows():
+        with add_vector(tiny_lm, 2, dm.vector(1.0), torch.tensor([r["strength"]])):
+            assert generate(tiny_lm, [r["prompt"]], max_new_tokens=TINY.max_new_tokens)[0] == r["text"]
+    for _, r in g[g["method"].isin(["unsteered", "prompt"])].iterrows():
+        assert r["text"] == generate(tiny_lm, [r["prompt"]], max_new_tokens=TINY.max_new_tokens)[0]
+    prompt = g[g["method"] == "prompt"].iloc[0]
+    assert prompt["prompt"] == f"Talk about {prompt['concept']}. {prompt['prefix']}"
+
+
+def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
+    res, _, out, logs = tiny_run
+    assert_no_hooks(tiny_lm)  # nothing stays attached to the shared model after a whole run
+    for name in ("generations.parquet", "generations.csv", "summary.csv", "methods.csv", "report.html", "concept_texts.json"):
+        assert (out / name).exists(), name
+    for name in ("methods", "strength_sae", "strength_diffmean", "concepts"):
+        assert json.loads((out / "figures" / f"{name}.json").read_text())["data"] is not None
+    table = res.methods()
+    assert set(table["method"]) == set(TINY.methods)
+    assert (table["n_concepts"] == 2).all()
+    summary = res.summary()
+    assert len(summary) == 2 * len(TINY.methods)
+    texts = json.loads((out / "concept_texts.json").read_text())
+    apple = texts["concepts"]["apple"]
+    assert apple["n_corpus"] == 3 and apple["n_generated"] == 2 and len(apple["texts"]) == 5  # topped up to min 5
+    # Neutral sentences mention none of the run's concepts (only 3 such sentences in DOCS, below the cap of 8).
+    assert len(texts["neutral"]) == 3
+    assert not any(mention_pattern(c).search(s) for s in texts["neutral"] for c in ("apple", "king", "dog", "zebra"))
+    lora = res.units[(res.units["method"] == "lora") & (res.units["concept"] == "apple")].iloc[0]
+    assert len(lora["lora_losses"]) == TINY.lora.steps
+    assert res.meta["ppl_ref"] > 0
+    assert any("zebra: skipped" in line for line in logs)
+    assert list_runs([out.parent]) == [out]
+
+
+def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm, tiny_sae, monkeypatch):
+    res, scores, out, _ = tiny_run
+    assert_no_hooks(tiny_lm)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_evaluation(tiny_lm, tiny_sae, scores, ["apple"], out, TINY, prefixes=PREFIXES, docs=DOCS)
+    with pytest.raises(ConfigError, match="different"):
+        run_evaluation(tiny_lm, tiny_sae, scores, ["apple"], out, EvalParams(**{**TINY.__dict__, "max_new_tokens": 5}),
+                       prefixes=PREFIXES, docs=DOCS, resume=True)
+    original = load_results(out).generations
+    # Interrupt: drop one unit's completion marker, then resume; count the generate calls the resume makes.
+    victim = next((out / "units").glob("king-*__sae_input.json"))
+    victim.unlink()
+    import saesteer.steering as steering_mod
+
+    calls = []
+    real = steering_mod.generate
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steering_mod, "generate", counting)
+    resumed = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
+                             n_concepts=2, docs=DOCS, resume=True)
+    # Only king/sae_input was redone: one train-grid call and one test call, nothing for apple or baselines.
+    assert calls == [len(TINY.strengths) * 2, 2]
+    key = ["concept", "method", "split", "strength", "prefix_idx"]
+    a = original.sort_values(key).reset_index(drop=True)
+    b = resumed.generations.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[key + ["text", "combined"]], b[key + ["text", "combined"]])
+    # A fully finished run resumes without any generation.
+    calls.clear()
+    run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
+                   n_concepts=2, docs=DOCS, resume=True)
+    assert calls == []
+    assert_no_hooks(tiny_lm)
+
+
+def test_method_table_compares_methods_on_common_concepts():
+    summary = pd.DataFrame({
+        "concept": ["a", "a", "b", "b", "c"],
+        "method": ["sae_output", "prompt", "sae_output", "prompt", "sae_output"],
+        "combined": [1.0, 0.0, 0.5, 0.5, 0.0],
+        "concept_score": [1.0, 0.0, 1.0, 1.0, 0.0],
+        "fluency": [1.0, 1.0, 0.5, 0.5, 1.0],
+    })
+    t = method_table(summary).set_index("method")
+    assert t.loc["sae_output", "n_concepts"] == 2  # concept c lacks the prompt baseline
+    assert t.loc["sae_output", "combined"] == pytest.approx(0.75)
+    assert t.loc["prompt", "combined"] == pytest.approx(0.25)
+    assert t.loc["sae_output", "combined_sem"] == pytest.approx(np.std([1.0, 0.5], ddof=1) / math.sqrt(2))
+
+
+def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path):
+    from saesteer.__main__ import main
+
+    assert main(["eval", "--layer", "2", "--methods", "sae_output", "magic"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--strengths", "1", "x"]) == 2
+    assert "--strengths must be numbers" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--concepts", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+    (tmp_path / "few.txt").write_text("a\nb\n")
+    assert main(["eval", "--layer", "2", "--prefixes", str(tmp_path / "few.txt")]) == 2
+    assert "--n-prefixes" in capsys.readouterr().err
+
+
+def test_cli_runs_the_evaluation_end_to_end(tmp_path, tiny_lm, tiny_sae, capsys):
+    """The CLI on a tiny model, SAE and feature data saved to disk (no network, no bundled assets)."""
+    from saesteer.__main__ import main
+    from saesteer.features import compute_many
+
+    model_dir, sae_dir, feat_dir, out = tmp_path / "model", tmp_path / "sae", tmp_path / "features", tmp_path / "out"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    tiny_sae.sae.save_model(str(sae_dir))
+    seqs = [tiny_lm.tokenizer(d.text).input_ids for d in DOCS] * 4
+    data = compute_many(tiny_lm, [tiny_sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
+    data.meta["sae_id"] = "sae"  # a local SAE's id is its directory name
+    data.save(feat_dir)
+    (tmp_path / "concepts.txt").write_text("# a comment\nzebra\napple\n")
+    (tmp_path / "prefixes.txt").write_text("\n".join(PREFIXES) + "\n")
+    argv = ["eval", "--model", str(model_dir), "--device", "cpu", "--sae", str(sae_dir), "--features", str(feat_dir),
+            "--concepts", str(tmp_path / "concepts.txt"), "--prefixes", str(tmp_path / "prefixes.txt"), "--n-prefixes", "4",
+            "--strengths", "1,8", "--methods", "sae_output", "sae_random", "prompt", "unsteered", "--max-new-tokens", "4",
+            "--n-concepts", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sae_output" in printed and "skipped (no candidate features): zebra" in printed
+    res = load_results(out)
+    assert set(res.generations["method"]) == {"sae_output", "sae_random", "prompt", "unsteered"}
+    assert sorted(res.generations.query("method == 'sae_output' and split == 'train'")["strength"].unique()) == [1.0, 8.0]
+    assert main(argv) == 2  # the directory holds results and --resume was not given
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
