@@ -154,7 +154,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8, help="tokens decoded per row in the measurements")
     ap.add_argument("--single", type=int, default=4, help="rows decoded one by one for the single-stream rate")
     ap.add_argument("--concepts", type=int, default=30)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="also run the protocol end to end on one concept")
+    ap.add_argument("--smoke-only", action="store_true", help="only the end-to-end run")
     ap.add_argument("--input-tokens", type=int, default=20_000)
     args = ap.parse_args()
 
@@ -163,6 +164,9 @@ def main() -> None:
     lm, sae, kind = load(args.layer)
     prefixes = default_prefixes()
     print(f"model {lm.name}, SAE {sae.id} ({kind}), torch threads {torch.get_num_threads()}")
+    if args.smoke_only:
+        smoke(lm, sae, kind, args.input_tokens)
+        return
     g = bench_generate(lm, sae, prefixes, args.rows, args.tokens, args.single)
     print(f"steered decode: batched {args.rows} rows {g['batched_tok_s']:.1f} tok/s, single-stream {g['single_tok_s']:.1f} tok/s "
           f"(x{g['batched_tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")

@@ -90,6 +90,10 @@ def test_paths_resolve_symlinks_before_confinement(tmp_path):
     assert state.is_within(root / "a" / ".." / "b", [root])
 
 
+def split(joined: str) -> list[str]:
+    return tables.split_tokens(joined)
+
+
 def test_tables_rank_filter_page_and_shares():
     table = pd.DataFrame(
         {
@@ -111,22 +115,21 @@ def test_tables_rank_filter_page_and_shares():
     shares = tables.threshold_shares({7: table}, 0.5, 0.1)
     assert shares.loc[0, "input_share"] == 0.5 and shares.loc[0, "output_share"] == 0.75 and shares.loc[0, "both_share"] == 0.25
     demo = tables.demo_features(table, n=4)
-    # ties in output score go to the feature with more whole-word lens tokens ('▁Apple'); feature 0's
-    # 'apple' repeats feature 2's word and 'x' is no word
+    # a tie in output score goes to the known input score; feature 0's 'apple' repeats feature 2's word
     assert demo["feature"].tolist() == [2, 1]
+    assert tables.lens_family(split(" Grower | grower |  seedling | Grow |  growers")) == 4
+    assert tables.lens_family(split("benius | ílés")) == 1 and tables.lens_family(split("ílés | benius")) == 0
     words = pd.DataFrame(
         {
             "feature": [0, 1, 2],
-            "output_score": [1.0, 1.0, 0.5],
+            "output_score": [1.0, 0.9, 0.5],
             "input_score": [0.0, 0.2, 0.9],
-            # " | "-joined token strings: "|  guitar" is the token " guitar" (a word start)
-            "top_tokens": ["benius | ílés | namento", " music | ílés | xx", " piano |  guitar |  violin |  drum"],
+            "top_tokens": ["benius | ílés | namento", " music | ílés | xx", " piano |  Piano | pianos |  violin"],
             "bottom_tokens": ["", "", ""],
         }
     )
-    assert tables.demo_features(words, n=1, min_coherence=3)["feature"].tolist() == [2]  # the only coherent one
-    # too few coherent features: all word-led ones, by output score, ties to the more coherent
-    assert tables.demo_features(words, n=3, min_coherence=3)["feature"].tolist() == [1, 0, 2]
+    assert tables.demo_features(words, n=1)["feature"].tolist() == [2]  # the one whose lens spells one word
+    assert tables.demo_features(words, n=2)["feature"].tolist() == [0, 1]  # too few such: any word-led feature
 
 
 class PieceTokenizer:

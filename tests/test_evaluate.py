@@ -21,6 +21,7 @@ from saesteer.baselines import (
     mention_pattern,
     mine_sentences,
     residual_mean,
+    split_sentences,
 )
 from saesteer.config import ConfigError
 from saesteer.corpus import Doc
@@ -269,6 +270,21 @@ def test_mine_sentences_reservoir_and_neutral_pool():
     assert "the apple was red." not in everything.positive["apple"]
 
 
+def test_mine_sentences_finds_exactly_the_regex_matches():
+    """The word-index prefilter must neither miss nor add sentences relative to mention_pattern."""
+    tricky = Doc("We ate ice cream and two ice  creams at noon. An ice-cream cone was sold at the fair. "
+                 "The kingdom had no ruler for many long years. Kings and queens were both present that day. "
+                 "Pineapples are not what we are looking for here. APPLES are the fruit we were looking for.", "t")
+    concepts = ["ice cream", "king", "apple", "France"]
+    docs = [*DOCS, tricky]
+    mined = mine_sentences(concepts, docs, n=1000, n_neutral=1000, seed=0)
+    sentences = [x for d in docs for x in split_sentences(d.text)]
+    for c in concepts:
+        assert sorted(mined.positive[c]) == sorted(x for x in sentences if mention_pattern(c).search(x)), c
+    assert sorted(mined.neutral) == sorted(x for x in sentences if not any(mention_pattern(c).search(x) for c in concepts))
+    assert mined.n_sentences == len(sentences)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Judge (no network: replies are given as text)
 
@@ -450,6 +466,10 @@ def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm,
     run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
                    n_concepts=2, docs=DOCS, resume=True)
     assert calls == []
+    # Units are per method: resuming with fewer methods is allowed and runs nothing new.
+    fewer = EvalParams(**{**TINY.__dict__, "methods": ("sae_output", "prompt")})
+    again = run_evaluation(tiny_lm, tiny_sae, scores, ["apple", "king"], out, fewer, prefixes=PREFIXES, docs=DOCS, resume=True)
+    assert calls == [] and set(again.generations["method"]) == set(TINY.methods)
     assert_no_hooks(tiny_lm)
 
 

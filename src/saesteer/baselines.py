@@ -37,6 +37,7 @@ from .models import LoadedModel
 from .steering import capture_residuals, residual_edit, run_until_stop
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
+_WORD = re.compile(r"\w+")
 
 
 def mention_pattern(concept: str) -> re.Pattern:
@@ -64,12 +65,38 @@ class MinedTexts:
     n_sentences: int  # sentences looked at
 
 
+def _word_index(concepts: Sequence[str]) -> dict[str, list[tuple[str, list[str]]]]:
+    """First word (lower-case; every plural form for one-word concepts) -> [(concept, its other words)]."""
+    index: dict[str, list[tuple[str, list[str]]]] = {}
+    for c in concepts:
+        words = c.lower().split()
+        firsts = [words[0], words[0] + "s", words[0] + "es"] if len(words) == 1 else [words[0]]
+        for w in firsts:
+            index.setdefault(w, []).append((c, words[1:]))
+    return index
+
+
+def _candidates(words: list[str], index: dict[str, list[tuple[str, list[str]]]]) -> set[str]:
+    """Concepts whose words occur in a row in ``words``: a superset of the mention_pattern matches."""
+    found = set()
+    for i, w in enumerate(words):
+        for concept, rest in index.get(w, ()):
+            if not rest:
+                found.add(concept)
+                continue
+            nxt = words[i + 1 : i + 1 + len(rest)]
+            last = rest[-1]
+            if len(nxt) == len(rest) and nxt[:-1] == rest[:-1] and nxt[-1] in (last, last + "s", last + "es"):
+                found.add(concept)
+    return found
+
+
 def mine_sentences(concepts: Sequence[str], docs: Iterable[Doc], n: int = 32, n_neutral: int = 128, seed: int = 0) -> MinedTexts:
     """One pass over ``docs``: a seeded reservoir sample of up to ``n`` sentences per concept and ``n_neutral``
     neutral ones (see the module docstring for the sentence rules)."""
     patterns = {c: mention_pattern(c) for c in concepts}
-    # One alternation finds the candidate sentences fast; the per-concept patterns then say which concept.
-    any_concept = re.compile("|".join(f"(?:{p.pattern})" for p in patterns.values()), re.IGNORECASE) if patterns else None
+    # A word-set lookup finds the few sentences that may mention a concept; the regex then decides.
+    index = _word_index(concepts)
     rng = random.Random(seed)
     pos: dict[str, list[str]] = {c: [] for c in concepts}
     seen: dict[str, int] = {c: 0 for c in concepts}
@@ -88,14 +115,14 @@ def mine_sentences(concepts: Sequence[str], docs: Iterable[Doc], n: int = 32, n_
     for doc in docs:
         for sent in split_sentences(doc.text):
             total += 1
-            if any_concept is None or any_concept.search(sent) is None:
+            maybe = _candidates(_WORD.findall(sent.lower()), index)
+            hits = [c for c in concepts if c in maybe and patterns[c].search(sent)]
+            if not hits:
                 n_neu += 1
                 offer(neutral, n_neu, n_neutral, sent)
-                continue
-            for c, p in patterns.items():
-                if p.search(sent):
-                    seen[c] += 1
-                    offer(pos[c], seen[c], n, sent)
+            for c in hits:
+                seen[c] += 1
+                offer(pos[c], seen[c], n, sent)
     return MinedTexts(pos, neutral, total)
 
 

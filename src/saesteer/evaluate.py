@@ -67,6 +67,7 @@ from .baselines import (
 )
 from .config import MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
 from .corpus import Doc
+from .judge import Judge
 from .models import LoadedModel
 from .saes import LoadedSae
 
@@ -404,7 +405,7 @@ class Evaluation:
         params: EvalParams = EvalParams(),
         resume: bool = False,
         docs: Iterable[Doc] | None = None,
-        judge=None,
+        judge: Judge | None = None,
         log: Log | None = None,
     ):
         if len(prefixes) < params.n_prefixes:
@@ -426,9 +427,13 @@ class Evaluation:
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def _meta(self) -> dict:
+        from .store import model_fingerprint, sae_fingerprint
+
         return {
             "model": self.lm.name,
+            "model_fingerprint": model_fingerprint(self.lm),
             "sae_id": self.sae.id,
+            "sae_fingerprint": sae_fingerprint(self.sae),
             "layer": self.sae.layer,
             "hook_name": self.sae.hook_name,
             "params": self.params.key(),
@@ -446,8 +451,10 @@ class Evaluation:
             if not resume:
                 raise ConfigError(f"{self.out} already holds evaluation results: pass --resume to continue them, or choose another --out")
             old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-            diff = [k for k in ("model", "sae_id", "layer", "prefixes") if old.get(k) != fresh[k]]
-            diff += [f"params.{k}" for k in fresh["params"] if old.get("params", {}).get(k) != fresh["params"][k]]
+            same = ("model", "model_fingerprint", "sae_id", "sae_fingerprint", "layer", "prefixes", "feature_scores")
+            diff = [k for k in same if old.get(k) != fresh[k]]
+            # Units are independent per method, so a resumed run may add or drop methods.
+            diff += [f"params.{k}" for k in fresh["params"] if k != "methods" and old.get("params", {}).get(k) != fresh["params"][k]]
             if diff:
                 raise ConfigError(f"cannot resume {self.out}: it was run with different {', '.join(diff)}; use the same settings or another --out")
             fresh["ppl_ref"] = old.get("ppl_ref")
@@ -751,7 +758,7 @@ def run_evaluation(
     n_concepts: int | None = None,
     resume: bool = False,
     docs: Iterable[Doc] | None = None,
-    judge=None,
+    judge: Judge | None = None,
     log: Log | None = None,
 ) -> EvalResults:
     """Run (or resume) the evaluation, write the tables and plots under ``out``, and return the results.

@@ -99,6 +99,7 @@ class FeatureData:
     ctx_acts: np.ndarray  # (n, N, W) float16
     out_ranks: np.ndarray  # (n, k) int32, >= rank_cap means "at least"; (n, 0) without output scores
     out_probs: np.ndarray  # (n, k) float32
+    ctx_start: np.ndarray | None = None  # (n, N) int32, sequence position of each window's first token
     _rows: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -193,7 +194,8 @@ class FeatureData:
         table = self.table.iloc[rows].reset_index(drop=True)
         return FeatureData(self.meta, table, self.lens.subset(self.features[rows]), self.vocab, self.hist_edges,
                            self.hist_counts[rows], self.ctx_act[rows], self.ctx_seq[rows], self.ctx_pos[rows],
-                           self.ctx_tokens[rows], self.ctx_acts[rows], self.out_ranks[rows], self.out_probs[rows])
+                           self.ctx_tokens[rows], self.ctx_acts[rows], self.out_ranks[rows], self.out_probs[rows],
+                           None if self.ctx_start is None else self.ctx_start[rows])
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class FeatureData:
             "ctx_act": self.ctx_act.astype(np.float32),
             "ctx_seq": self.ctx_seq.astype(np.int32),
             "ctx_pos": self.ctx_pos.astype(np.int16),
-            "ctx_tokens": self.ctx_tokens.astype(np.int32),
+            **_encode_windows(self.ctx_tokens, self.ctx_seq, self.ctx_start),
             "ctx_acts": self.ctx_acts.astype(np.float16),
             "out_ranks": self.out_ranks.astype(np.int32),
             "out_probs": self.out_probs.astype(np.float32),
@@ -248,8 +250,44 @@ class FeatureData:
         lens = LogitLens(a["lens_features"], a["lens_top_ids"].astype(np.int64), a["lens_top_logits"],
                          a["lens_bottom_ids"].astype(np.int64), a["lens_bottom_logits"])
         vocab = dict(zip(vocab_frame["id"].astype(int).tolist(), vocab_frame["text"].tolist()))
+        tokens, start = _decode_windows(a, a["ctx_seq"], a["ctx_acts"].shape)
         return cls(meta, table, lens, vocab, a["hist_edges"], a["hist_counts"], a["ctx_act"], a["ctx_seq"], a["ctx_pos"],
-                   a["ctx_tokens"], a["ctx_acts"], a["out_ranks"], a["out_probs"])
+                   tokens, a["ctx_acts"], a["out_ranks"], a["out_probs"], start)
+
+
+def _encode_windows(tokens: np.ndarray, docs: np.ndarray, start: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Context windows on disk: the windows of one sequence overlap and many features share sequences, so store
+    each referenced sequence once (``seq_tokens``, rows ``seq_docs``) plus each window's start. Falls back to
+    the windows themselves when starts are unknown or the sequences would not reproduce them exactly."""
+    plain = {"ctx_tokens": tokens.astype(np.int32)}
+    if start is None or tokens.ndim != 3 or tokens.shape[1] == 0:
+        return plain
+    w = tokens.shape[2]
+    used = docs >= 0
+    seq_docs = np.unique(docs[used]).astype(np.int32)
+    width = int((start[used] + w).max()) if used.any() else w
+    table = np.full((len(seq_docs), width), -1, np.int32)
+    rows = np.searchsorted(seq_docs, docs[used])
+    cols = start[used][:, None] + np.arange(w)  # (m, W)
+    table[rows[:, None], cols] = tokens[used]
+    encoded = {"seq_tokens": table, "seq_docs": seq_docs, "ctx_start": start.astype(np.int32)}
+    decoded, _ = _decode_windows(encoded, docs, tokens.shape)
+    return encoded if np.array_equal(decoded, tokens) else plain
+
+
+def _decode_windows(a: dict[str, np.ndarray], docs: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ctx_tokens (n, N, W), ctx_start or None) from what :func:`_encode_windows` wrote."""
+    if "ctx_tokens" in a:
+        return a["ctx_tokens"], a.get("ctx_start")
+    table, seq_docs, start = a["seq_tokens"], a["seq_docs"], a["ctx_start"]
+    w = shape[2]
+    used = docs >= 0
+    rows = np.searchsorted(seq_docs, np.where(used, docs, seq_docs[0] if len(seq_docs) else 0))
+    rows = np.clip(rows, 0, max(len(table) - 1, 0))
+    cols = np.clip(start[..., None] + np.arange(w), 0, max(table.shape[1] - 1, 0))
+    tokens = table[rows[..., None], cols] if len(table) else np.full(shape, -1, np.int32)
+    tokens = np.where(used[..., None], tokens, -1).astype(np.int32)
+    return tokens, start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,12 +323,14 @@ def build_feature_data(
         ctx_pos = (stats.top_pos - stats.win_start)[rows].astype(np.int16)
         ctx = (stats.top_acts[rows].astype(np.float32), stats.top_seq[rows].astype(np.int32), ctx_pos,
                stats.win_tokens[rows].astype(np.int32), np.clip(stats.win_acts[rows], -65000, 65000).astype(np.float16))
+        ctx_start = stats.win_start[rows].astype(np.int32)
         hist_edges, hist_counts = stats.hist_edges, stats.hist_counts[rows].astype(np.int32)
     else:
         table["input_score"], table["density"], table["max_activation"], table["n_contexts"] = math.nan, math.nan, math.nan, 0
         ctx = (np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int32), np.zeros((n, 0), np.int16),
                np.zeros((n, 0, 0), np.int32), np.zeros((n, 0, 0), np.float16))
         hist_edges, hist_counts = HIST_EDGES.copy(), np.zeros((n, 0), np.int32)
+        ctx_start = None
     used = np.unique(np.concatenate([lens.top_ids.reshape(-1), lens.bottom_ids.reshape(-1), ctx[3].reshape(-1)]))
     used = used[used >= 0]
     vocab = dict(zip(used.tolist(), token_strings(lm, used)))
@@ -298,7 +338,7 @@ def build_feature_data(
     table["bottom_tokens"] = [" | ".join(vocab[int(i)] for i in r) for r in lens.bottom_ids]
     table = table[TABLE_COLUMNS]
     meta = {**meta, "n_features": n, "rank_cap": out.rank_cap if out is not None else DETAIL_RANK_CAP}
-    return FeatureData(meta, table, lens, vocab, hist_edges, hist_counts, *ctx, out_ranks, out_probs)
+    return FeatureData(meta, table, lens, vocab, hist_edges, hist_counts, *ctx, out_ranks, out_probs, ctx_start)
 
 
 def take_sequences(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos: int | None) -> list[list[int]]:
@@ -514,6 +554,7 @@ def trim_contexts(data: FeatureData, keep: int, window: int, after: int = AFTER)
     tokens = np.take_along_axis(data.ctx_tokens[:, :keep], idx, axis=2)
     acts = np.take_along_axis(data.ctx_acts[:, :keep], idx, axis=2)
     meta = {**data.meta, "stored_contexts": keep, "stored_window": window}
+    seq_start = None if data.ctx_start is None else (data.ctx_start[:, :keep] + start).astype(np.int32)
     return FeatureData(meta, data.table.copy(), data.lens, data.vocab, data.hist_edges, data.hist_counts,
                        data.ctx_act[:, :keep].copy(), data.ctx_seq[:, :keep].copy(), (pos - start).astype(np.int16),
-                       tokens, acts, data.out_ranks, data.out_probs)
+                       tokens, acts, data.out_ranks, data.out_probs, seq_start)

@@ -48,12 +48,13 @@ def render(ctx: AppContext) -> None:
     st.subheader("Score distributions per layer")
     st.plotly_chart(plots.score_distributions(frames, kind=kind), key="ov_dist")
     shares = threshold_shares(frames, input_min, output_min)
-    left, right = st.columns([3, 2])
+    left, right = st.columns(2)
     left.plotly_chart(plots.threshold_share_bars(shares), key="ov_shares_chart")
     right.dataframe(
         shares,
         hide_index=True,
         column_config={
+            "with_input_score": st.column_config.NumberColumn("with input score"),
             "input_share": st.column_config.NumberColumn("input ≥ t", format="percent"),
             "output_share": st.column_config.NumberColumn("output ≥ t", format="percent"),
             "both_share": st.column_config.NumberColumn("both", format="percent"),

@@ -8,7 +8,6 @@ n_contexts, min_rank, max_prob.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import pandas as pd
@@ -86,35 +85,38 @@ def threshold_shares(frames: Mapping[int, pd.DataFrame], input_min: float, outpu
     return pd.DataFrame(rows)
 
 
-def _word(token: str) -> bool:
-    text = token.replace("▁", " ").strip()
-    return len(text) >= 3 and text.isascii() and text.isalpha()
+def _word(token: str, min_len: int = 3) -> bool:
+    text = norm_token(token)
+    return len(text) >= min_len and text.isascii() and text.isalpha()
 
 
-def _initial_word(token: str) -> bool:
-    """A whole word as the tokenizer writes it at a word start (leading space), not a fragment."""
-    return token.startswith((" ", "▁")) and _word(token)
+def lens_family(tokens: list[str], k: int = 10) -> int:
+    """How many of the first ``k`` lens tokens spell the first one's word (same first four letters, any case,
+    with or without a leading space, plural...). Several spellings of one word mark a clean concept feature;
+    a list of unrelated fragments marks a noisy one."""
+    if not tokens or not _word(tokens[0], 4):
+        return 0
+    head = norm_token(tokens[0])[:4]
+    return sum(1 for t in tokens[:k] if _word(t, 4) and norm_token(t).startswith(head))
 
 
-def demo_features(table: pd.DataFrame, n: int = 4, min_coherence: int = 3) -> pd.DataFrame:
-    """Up to ``n`` features for a demonstration: high output score and a top logit-lens token that is a
-    word, each with a different word.
+def demo_features(table: pd.DataFrame, n: int = 4, min_family: int = 3) -> pd.DataFrame:
+    """Up to ``n`` features for a demonstration: high output score, a top logit-lens token that is a word
+    of at least four letters, each with a different word.
 
-    Features whose top-10 lens tokens hold at least ``min_coherence`` whole words (leading space, letters)
-    are preferred, when there are ``n`` of them: their effect reads as a topic, not as word fragments.
-    Ties in output score (many features saturate at 1) go to the more coherent, then to the higher input
-    score.
+    Features whose top lens tokens hold at least ``min_family`` spellings of that word are preferred when
+    there are ``n`` of them: their effect reads as one concept rather than as word fragments.
     """
     rows = []
-    for rec in table[["feature", "output_score", "input_score", "top_tokens"]].itertuples(index=False):
+    for rec in table[["feature", "top_tokens"]].itertuples(index=False):
         tokens = split_tokens(rec.top_tokens)
-        if tokens and _word(tokens[0]):
-            rows.append((rec.feature, sum(_initial_word(t) for t in tokens[:10])))
-    pool = pd.DataFrame(rows, columns=["feature", "coherence"])
-    if (pool["coherence"] >= min_coherence).sum() >= n:
-        pool = pool[pool["coherence"] >= min_coherence]
+        if tokens and _word(tokens[0], 4):
+            rows.append((rec.feature, lens_family(tokens)))
+    pool = pd.DataFrame(rows, columns=["feature", "family"])
+    if (pool["family"] >= min_family).sum() >= n:
+        pool = pool[pool["family"] >= min_family]
     cand = table.merge(pool, on="feature").sort_values(
-        ["output_score", "coherence", "input_score", "feature"], ascending=[False, False, False, True], na_position="last", kind="stable"
+        ["output_score", "family", "input_score", "feature"], ascending=[False, False, False, True], na_position="last", kind="stable"
     )
     seen: set[str] = set()
     picked = []
@@ -123,7 +125,7 @@ def demo_features(table: pd.DataFrame, n: int = 4, min_coherence: int = 3) -> pd
         if word in seen:
             continue
         seen.add(word)
-        picked.append(row.drop(labels="coherence"))
+        picked.append(row.drop(labels="family"))
         if len(picked) == n:
             break
     return pd.DataFrame(picked).reset_index(drop=True) if picked else table.iloc[0:0]
