@@ -4,8 +4,10 @@
    per-row strengths, paper mode) against single-stream decoding of the same rows: decoded tokens/s.
 2. The continuation perplexity fast path (unembedding only at continuation positions) against the obvious
    full-logits forward per row: time ratio and the largest NLL difference.
-3. One LoRA training step.
-4. A projection of ``eval`` with the default settings over ``--concepts`` concepts from these rates.
+3. LoRA training time per step.
+4. A projection of ``eval`` over ``--concepts`` concepts from these rates, for the default settings or those
+   given (``--strengths``, ``--diffmean-coeffs``, ``--n-prefixes``, ``--max-new-tokens``). The rates are
+   wall-clock rates at the current load (printed): run it on an idle machine for a projection you can use.
 5. ``--smoke``: a real run of the protocol (1 concept, 2 strengths, 4 prefixes, every method) end to end.
 
 The SAE is the bundled one of ``--layer`` when it exists. Without bundled feature data, selection needs
@@ -13,12 +15,14 @@ scores: the smoke run then computes the logit lens of every feature, output scor
 candidates and input scores from a short activation pass (``--input-tokens``), and says so. Without a
 bundled SAE it uses a random sae-lens TopK SAE, named as such; its numbers price the code path only.
 
-    nice -n 15 python benchmarks/evaluate.py [--layer 8] [--rows 256] [--tokens 8] [--smoke]
+    nice -n 15 python benchmarks/evaluate.py [--layer 8] [--tokens 8] [--smoke]
+    nice -n 15 python benchmarks/evaluate.py --strengths 0.8 2 4 8 --max-new-tokens 20   # project other settings
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -44,20 +48,25 @@ def load(layer: int):
         return lm, make_tiny_sae(d_in=lm.d_model, d_sae=4096, layer=layer, k=64), "RANDOM (untrained, prices the code path only)"
 
 
+def _timed(fn):
+    """(result, wall seconds, CPU seconds of this process)."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
 def bench_generate(lm, sae, prefixes, rows: int, tokens: int, single: int) -> dict:
     from saesteer.evaluate import PAPER_STRENGTHS
     from saesteer.steering import generate
 
     prompts = [prefixes[i % len(prefixes)] for i in range(rows)]
     strengths = torch.tensor([[PAPER_STRENGTHS[i % len(PAPER_STRENGTHS)]] for i in range(rows)])
-    t0 = time.perf_counter()
-    batched = generate(lm, prompts, sae=sae, features=[3], strengths=strengths, max_new_tokens=tokens)
-    t_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    alone = [generate(lm, [prompts[i]], sae=sae, features=[3], strengths=strengths[i : i + 1], max_new_tokens=tokens)[0] for i in range(single)]
-    t_single = time.perf_counter() - t0
-    same = sum(a == b for a, b in zip(alone, batched))
-    return {"batched_tok_s": rows * tokens / t_batch, "single_tok_s": single * tokens / t_single, "same": f"{same}/{single}"}
+    batched, wall, cpu = _timed(lambda: generate(lm, prompts, sae=sae, features=[3], strengths=strengths, max_new_tokens=tokens))
+    out = {"tok_s": rows * tokens / wall, "tok_cpu_s": rows * tokens / cpu}
+    if single:
+        alone, w1, _ = _timed(lambda: [generate(lm, [prompts[i]], sae=sae, features=[3], strengths=strengths[i : i + 1], max_new_tokens=tokens)[0] for i in range(single)])
+        out.update(single_tok_s=single * tokens / w1, same=f"{sum(a == b for a, b in zip(alone, batched))}/{single}")
+    return out
 
 
 def bench_nll(lm, prefixes, rows: int, tokens: int, ref_rows: int = 16) -> dict:
@@ -84,29 +93,36 @@ def bench_nll(lm, prefixes, rows: int, tokens: int, ref_rows: int = 16) -> dict:
             "max_diff": float(np.nanmax(np.abs(fast[:ref_rows] - np.array(slow))))}
 
 
-def bench_lora(lm, layer: int) -> float:
-    from saesteer.baselines import LoraParams, lora_adapter
+def bench_lora(lm, layer: int, params) -> float:
+    """Seconds per LoRA training step (adapter setup and unload amortised over the default steps)."""
+    from saesteer.baselines import lora_adapter
 
-    texts = ["The apple tree in the garden gave red apples every autumn."] * 8
+    texts = ["The apple tree in the garden gave red apples every autumn, and the children ate them all."] * params.batch_size
     t0 = time.perf_counter()
-    with lora_adapter(lm, layer, texts, LoraParams(steps=1)):
+    with lora_adapter(lm, layer, texts, params):
         pass
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / params.steps
 
 
-def projection(gen_rate: float, nll_rate: float, lora_step: float, n_concepts: int) -> dict:
-    from saesteer.evaluate import SAE_METHODS, EvalParams
+def projection(params, rates: dict, n_concepts: int) -> dict:
+    """Seconds per concept from measured rates; ``rates`` has train/test/lora decode tokens/s, nll positions/s
+    and LoRA seconds per step. Upper bound: identical rows are decoded once in a real run, and perplexity is
+    computed here for every row although train rows without a mention skip it."""
+    from saesteer.evaluate import SAE_METHODS
 
-    p = EvalParams()
-    half = p.n_prefixes // 2
-    grid_rows = len(SAE_METHODS) * len(p.strengths) * half + len(p.diffmean_coeffs) * half
-    test_rows = (len(SAE_METHODS) + 3) * (p.n_prefixes - half)  # + diffmean, prompt, lora
-    rows = grid_rows + test_rows
-    gen = rows * p.max_new_tokens / gen_rate
-    nll = rows * p.max_new_tokens / nll_rate  # upper bound: identical texts are scored once
-    lora = p.lora.steps * lora_step
-    per = gen + nll + lora
-    return {"rows_per_concept": rows, "gen_s": gen, "nll_s": nll, "lora_s": lora, "minutes": per * n_concepts / 60}
+    half = params.n_prefixes // 2
+    test_n = params.n_prefixes - half
+    train_rows = len(SAE_METHODS) * len(params.strengths) * half + len(params.diffmean_coeffs) * half
+    test_rows = (len(SAE_METHODS) + 2) * test_n  # + diffmean, prompt in the same call
+    t = params.max_new_tokens
+    parts = {
+        "decode train": train_rows * t / rates["train"],
+        "decode test": test_rows * t / rates["test"],
+        "decode lora": test_n * t / rates["lora"],
+        "perplexity": (train_rows + test_rows + test_n) * t / rates["nll"],
+        "lora training": params.lora.steps * rates["lora_step"],
+    }
+    return {"rows": train_rows + test_rows + test_n, "parts": parts, "minutes": sum(parts.values()) * n_concepts / 60}
 
 
 def smoke(lm, sae, kind: str, input_tokens: int) -> None:
@@ -114,7 +130,13 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     from saesteer.baselines import LoraParams
     from saesteer.bundle import pack_sequences
     from saesteer.corpus import iter_bundled
-    from saesteer.evaluate import EvalParams, FeatureScores, concept_token_ids, default_prefixes, run_evaluation
+    from saesteer.evaluate import (
+        EvalParams,
+        FeatureScores,
+        concept_token_ids,
+        default_prefixes,
+        run_evaluation,
+    )
 
     data = F.load_bundled(sae.id, lm.name) if kind == "bundled" else None
     concept = "water"
@@ -150,8 +172,12 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=8)
-    ap.add_argument("--rows", type=int, default=256, help="rows of the batched generate call (the eval's batch size)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of the train-phase decode call (default: as the settings give)")
     ap.add_argument("--tokens", type=int, default=8, help="tokens decoded per row in the measurements")
+    ap.add_argument("--strengths", type=float, nargs="+", default=None, help="projection: paper-mode strengths (default: the paper's 12)")
+    ap.add_argument("--diffmean-coeffs", type=float, nargs="+", default=None)
+    ap.add_argument("--n-prefixes", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--single", type=int, default=4, help="rows decoded one by one for the single-stream rate")
     ap.add_argument("--concepts", type=int, default=30)
     ap.add_argument("--smoke", action="store_true", help="also run the protocol end to end on one concept")
@@ -167,18 +193,33 @@ def main() -> None:
     if args.smoke_only:
         smoke(lm, sae, kind, args.input_tokens)
         return
-    g = bench_generate(lm, sae, prefixes, args.rows, args.tokens, args.single)
-    print(f"steered decode: batched {args.rows} rows {g['batched_tok_s']:.1f} tok/s, single-stream {g['single_tok_s']:.1f} tok/s "
-          f"(x{g['batched_tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")
-    n = bench_nll(lm, prefixes, min(args.rows, 64), 24)
-    print(f"continuation NLL: {n['positions_s']:.0f} positions/s, x{n['ratio']:.1f} faster than one full forward per row, "
+    from saesteer.evaluate import DIFFMEAN_COEFFS, PAPER_STRENGTHS, EvalParams
+
+    params = EvalParams(
+        strengths=tuple(args.strengths or PAPER_STRENGTHS), diffmean_coeffs=tuple(args.diffmean_coeffs or DIFFMEAN_COEFFS),
+        n_prefixes=args.n_prefixes, max_new_tokens=args.max_new_tokens,
+    )
+    half = params.n_prefixes // 2
+    train_rows = min(args.rows or 10**9, (3 * len(params.strengths) + len(params.diffmean_coeffs)) * half, params.batch_size)
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    g = bench_generate(lm, sae, prefixes, train_rows, args.tokens, args.single)
+    gt = bench_generate(lm, sae, prefixes, 5 * (params.n_prefixes - half), args.tokens, 0)
+    gl = bench_generate(lm, sae, prefixes, params.n_prefixes - half, args.tokens, 0)
+    print(f"steered decode, {train_rows} rows: {g['tok_s']:.1f} tok/s ({g['tok_cpu_s']:.1f} per CPU-second); single-stream "
+          f"{g['single_tok_s']:.1f} tok/s (batched x{g['tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")
+    print(f"steered decode, test call {5 * (params.n_prefixes - half)} rows: {gt['tok_s']:.1f} tok/s; LoRA call {params.n_prefixes - half} rows: {gl['tok_s']:.1f} tok/s")
+    n = bench_nll(lm, prefixes, 64, params.max_new_tokens)
+    print(f"continuation NLL: {n['positions_s']:.0f} positions/s, x{n['ratio']:.1f} faster per row than one full forward per row, "
           f"max |diff| {n['max_diff']:.2e} nats")
-    lora = bench_lora(lm, sae.layer)
-    print(f"LoRA: {lora:.1f}s for adapter setup + 1 step of 8 sentences")
-    pr = projection(g["batched_tok_s"], n["positions_s"], lora, args.concepts)
-    print(f"projection (default settings, {args.concepts} concepts): {pr['rows_per_concept']} rows/concept, "
-          f"{pr['gen_s']:.0f}s decode + <= {pr['nll_s']:.0f}s perplexity + {pr['lora_s']:.0f}s LoRA per concept "
-          f"=> <= {pr['minutes']:.0f} min")
+    lora = bench_lora(lm, sae.layer, params.lora)
+    print(f"LoRA: {lora:.1f}s per training step ({params.lora.batch_size} sentences of <= {params.lora.max_tokens} tokens)")
+    rates = {"train": g["tok_s"], "test": gt["tok_s"], "lora": gl["tok_s"], "nll": n["positions_s"], "lora_step": lora}
+    pr = projection(params, rates, args.concepts)
+    parts = ", ".join(f"{k} {v:.0f}s" for k, v in pr["parts"].items())
+    print(f"projection ({args.concepts} concepts, {len(params.strengths)} strengths, {len(params.diffmean_coeffs)} DiffMean coefficients, "
+          f"{params.n_prefixes} prefixes, {params.max_new_tokens} tokens): {pr['rows']} rows/concept; per concept {parts} "
+          f"=> <= {pr['minutes']:.0f} min at this load")
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.smoke:
         smoke(lm, sae, kind, args.input_tokens)
 

@@ -43,7 +43,13 @@ from saesteer.evaluate import (
     success_at_k,
     target_strings,
 )
-from saesteer.judge import Judge, harmonic_mean, judge_from_env, parse_rating
+from saesteer.judge import (
+    Judge,
+    harmonic_mean,
+    judge_from_env,
+    local_complete,
+    parse_rating,
+)
 from saesteer.steering import capture_residuals, generate
 
 PREFIXES = ["findings show that", "i once heard that", "i think about", "the city was", "my friend said", "in the night"]
@@ -227,9 +233,8 @@ def test_diffmean_direction_and_additive_edit(tiny_lm):
         steered = generate(tiny_lm, prompts, max_new_tokens=5)
     assert steered[0] == base[0] and steered[1] != base[1]  # per-row coefficients stay on their row
     assert_no_hooks(tiny_lm)
-    with pytest.raises(ConfigError):
-        with add_vector(tiny_lm, 2, dm.vector(1.0), torch.zeros(3)):
-            generate(tiny_lm, prompts, max_new_tokens=2)
+    with pytest.raises(ConfigError), add_vector(tiny_lm, 2, dm.vector(1.0), torch.zeros(3)):
+        generate(tiny_lm, prompts, max_new_tokens=2)
     assert_no_hooks(tiny_lm)
 
 
@@ -312,6 +317,13 @@ def test_judge_rating_parsing_and_harmonic_mean():
         judge_from_env({})
     with pytest.raises(ConfigError):
         judge_from_env({"SAESTEER_JUDGE_URL": "http://localhost:1/v1"})
+
+
+def test_local_judge_runs_a_model_and_never_invents_ratings(tiny_lm):
+    """A random tiny model writes no "Rating: [[N]]": every rating is missing (NaN), never 0."""
+    reply = local_complete(tiny_lm, max_new_tokens=6)
+    scores = Judge(reply, "tiny").rate("apple", "findings show that", "the apple was red")
+    assert all(math.isnan(v) for v in (scores.concept, scores.instruction, scores.fluency, scores.score))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -432,7 +444,7 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
 
 
 def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm, tiny_sae, monkeypatch):
-    res, scores, out, _ = tiny_run
+    _, scores, out, _ = tiny_run
     assert_no_hooks(tiny_lm)
     with pytest.raises(ConfigError, match="--resume"):
         run_evaluation(tiny_lm, tiny_sae, scores, ["apple"], out, TINY, prefixes=PREFIXES, docs=DOCS)
@@ -488,7 +500,7 @@ def test_method_table_compares_methods_on_common_concepts():
     assert t.loc["sae_output", "combined_sem"] == pytest.approx(np.std([1.0, 0.5], ddof=1) / math.sqrt(2))
 
 
-def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path):
+def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path, monkeypatch):
     from saesteer.__main__ import main
 
     assert main(["eval", "--layer", "2", "--methods", "sae_output", "magic"]) == 2
@@ -498,6 +510,10 @@ def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path):
     assert main(["eval", "--layer", "2", "--concepts", str(tmp_path / "none.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+    monkeypatch.delenv("SAESTEER_JUDGE_URL", raising=False)
+    monkeypatch.delenv("SAESTEER_JUDGE_LOCAL", raising=False)
+    assert main(["eval", "--layer", "2", "--judge"]) == 2
+    assert "judge is not configured" in capsys.readouterr().err
     (tmp_path / "few.txt").write_text("a\nb\n")
     assert main(["eval", "--layer", "2", "--prefixes", str(tmp_path / "few.txt")]) == 2
     assert "--n-prefixes" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def _corpus(lm, n=16, seed=0):
 
 def _frames_equal(a: FeatureData, b: FeatureData):
     pd.testing.assert_frame_equal(a.table, b.table)
-    for name in ("hist_counts", "ctx_act", "ctx_seq", "ctx_pos", "ctx_tokens", "ctx_acts", "out_ranks", "out_probs"):
+    for name in ("hist_counts", "ctx_act", "ctx_seq", "ctx_pos", "ctx_tokens", "ctx_acts", "ctx_start", "out_ranks", "out_probs"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     np.testing.assert_array_equal(a.lens.top_ids, b.lens.top_ids)
 
@@ -249,3 +249,26 @@ def test_feature_data_accessors(tiny_lm):
     assert table.top_tokens[f] == " | ".join(data.top_tokens(f))
     with pytest.raises(KeyError, match="not in this data"):
         data.contexts(10_000)
+
+
+def test_windows_are_stored_once_per_sequence_and_round_trip(tiny_lm, tmp_path):
+    sae = make_tiny_sae(seed=14)
+    seqs = _corpus(tiny_lm, n=40, seed=2)
+    data = compute_many(tiny_lm, [sae], seqs, ScoreParams(batch_size=64), n_tokens=None, cache=False)[0]
+    arrays = data._arrays()
+    assert "ctx_tokens" not in arrays and arrays["seq_tokens"].shape[0] <= len(seqs)
+    assert arrays["seq_tokens"].size < data.ctx_tokens.size / 4  # overlapping windows share their sequence
+    loaded = FeatureData.load(data.save(tmp_path / "full"))
+    np.testing.assert_array_equal(loaded.ctx_tokens, data.ctx_tokens)
+    for f in (0, 17, 99):
+        seq = data.ctx_seq[f]
+        for slot in np.flatnonzero(seq >= 0):  # each window really is a slice of its sequence
+            start = data.ctx_start[f, slot]
+            tokens = [t if t != tiny_lm.tokenizer.bos_token_id else -1 for t in seqs[seq[slot]]]
+            window = [tokens[q] if q < len(tokens) else -1 for q in range(start, start + data.ctx_tokens.shape[2])]
+            assert data.ctx_tokens[f, slot].tolist() == window
+
+    trimmed = features_mod.trim_contexts(data, keep=3, window=4)
+    again = FeatureData.load(trimmed.save(tmp_path / "trimmed"))
+    np.testing.assert_array_equal(again.ctx_tokens, trimmed.ctx_tokens)
+    assert [c.tokens for c in again.contexts(17)] == [c.tokens for c in trimmed.contexts(17)]

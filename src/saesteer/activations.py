@@ -97,12 +97,14 @@ class _Accumulator:
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, seq_ids: torch.Tensor) -> None:
         """acts (B, P, d_sae), overwritten in place; tokens (B, P) with -1 at excluded positions; seq_ids (B,)."""
         valid = tokens >= 0  # (B, P)
-        acts = acts.float().masked_fill_(~valid[..., None], 0.0)
+        acts = acts.float()
+        acts[~valid] = 0.0  # BOS and padding rows only: cheaper than a pass over everything
         B, P, d = acts.shape
         self.n_tokens += int(valid.sum())
         self.n_sequences += B
+        # SAE activations are sparse: after one pass to find the nonzeros, work on those alone
         flat = acts.view(-1, d)
-        tok_idx, feat_idx = flat.nonzero(as_tuple=True)  # SAE activations are sparse: work on the nonzeros
+        tok_idx, feat_idx = flat.nonzero(as_tuple=True)  # row-major: positions ascending within a sequence
         vals = flat[tok_idx, feat_idx]
         pos_mask = vals > 0
         tok_idx, feat_idx, vals = tok_idx[pos_mask], feat_idx[pos_mask], vals[pos_mask]
@@ -110,7 +112,14 @@ class _Accumulator:
         nb = len(HIST_EDGES) - 1
         bins = torch.bucketize(vals, self.edges[1:-1], right=True)  # 0..nb-1, the end bins take the outliers
         self.hist += torch.bincount(feat_idx * nb + bins, minlength=d * nb)
-        seq_max, seq_arg = acts.max(dim=1)  # (B, d)
+        # per (sequence, feature): the max activation and the first position that reaches it
+        key = (tok_idx // P) * d + feat_idx
+        position = tok_idx % P
+        seq_max = torch.zeros(B * d, device=acts.device).scatter_reduce_(0, key, vals, "amax")
+        at_max = vals == seq_max[key]
+        seq_arg = torch.full((B * d,), P, dtype=torch.long, device=acts.device)
+        seq_arg.scatter_reduce_(0, key[at_max], position[at_max], "amin")
+        seq_max, seq_arg = seq_max.view(B, d), seq_arg.masked_fill_(seq_arg == P, 0).view(B, d)
         torch.maximum(self.max, seq_max.max(dim=0).values, out=self.max)
 
         cand = seq_max.T.masked_fill(seq_max.T <= 0, -torch.inf)  # (d, B)

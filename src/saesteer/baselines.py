@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -195,8 +196,9 @@ def residual_mean(lm: LoadedModel, layer: int, texts: Sequence[str], batch_size:
     norm_total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
         ids, mask, content = _batch_ids(lm, texts[start : start + batch_size], max_tokens)
+        forward = partial(lm.model.get_decoder(), input_ids=ids, attention_mask=mask, use_cache=False)
         with lm.lock, capture_residuals(lm, [layer], stop=True) as store:
-            run_until_stop(lambda: lm.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False))
+            run_until_stop(forward)
         x = store[layer][content].double().cpu()  # (tokens, d_model)
         total += x.sum(0)
         norm_total += float(x.norm(dim=-1).sum())

@@ -65,7 +65,7 @@ from .baselines import (
     mine_sentences,
     residual_mean,
 )
-from .config import MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
+from .config import MAX_ABS_STRENGTH, MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
 from .corpus import Doc
 from .judge import Judge
 from .models import LoadedModel
@@ -76,8 +76,10 @@ SAE_METHODS = ("sae_output", "sae_input", "sae_random")
 GRID_METHODS = (*SAE_METHODS, "diffmean")
 BASELINES = ("unsteered", "prompt", "diffmean", "lora")
 METHODS = (*SAE_METHODS, "diffmean", "lora", "prompt", "unsteered")
-#: DiffMean coefficients, in units of the mean residual norm at the layer.
-DIFFMEAN_COEFFS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+#: DiffMean coefficients, in units of the mean residual norm at the layer. Gemma's residual norm is dominated
+#: by a few massive dimensions, so useful steering sits far below 1: on Gemma 3 270M at layer 8 (mean norm
+#: about 5500) 0.05-0.15 steered towards "water"/"music" fluently and 0.2-0.3 broke the text.
+DIFFMEAN_COEFFS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.17, 0.25)
 PROMPT_TEMPLATE = "Talk about {concept}. {prefix}"
 Log = Callable[[str], None]
 
@@ -130,7 +132,7 @@ class EvalParams:
     """The LoRA baseline's adapter and training."""
     full_train_fluency: bool = False
     """Also score the perplexity of train-half rows that do not mention the concept (their combined score is
-    0 either way; off, their ppl and fluency are NaN and the run is about a third cheaper)."""
+    0 either way; off, their ppl and fluency are NaN, saving one forward pass per such row)."""
     batch_size: int = 512
     """Rows per generate call: larger batches decode faster per token on a CPU (memory: 0.5 GiB of logits per
     512 rows); results do not depend on it."""
@@ -140,10 +142,12 @@ class EvalParams:
             vals = getattr(self, name)
             if not vals or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
                 raise ConfigError(f"{name} must be a non-empty list of finite numbers, got {vals!r}")
+            if any(abs(v) > MAX_ABS_STRENGTH for v in vals):
+                raise ConfigError(f"{name} {vals!r} are out of range: use |value| <= {MAX_ABS_STRENGTH:g}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"unknown method(s) {unknown or '(none given)'}: use some of {', '.join(METHODS)}")
-        if not 2 <= self.n_prefixes:
+        if self.n_prefixes < 2:
             raise ConfigError(f"n_prefixes must be at least 2 (one per half), got {self.n_prefixes}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ConfigError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
@@ -410,6 +414,8 @@ class Evaluation:
     ):
         if len(prefixes) < params.n_prefixes:
             raise ConfigError(f"{len(prefixes)} prefixes given but n_prefixes={params.n_prefixes}: give more prefixes or lower --n-prefixes")
+        if scores.top_ids.shape[1] < params.top_k:
+            raise ConfigError(f"the feature data has {scores.top_ids.shape[1]} logit-lens tokens per feature, the evaluation needs top_k={params.top_k}")
         self.lm, self.sae, self.scores, self.params = lm, sae, scores, params
         self.prefixes = list(prefixes[: params.n_prefixes])
         self.out = Path(out)
@@ -501,10 +507,10 @@ class Evaluation:
         texts: list[str] = []
         t0 = time.perf_counter()
         bs = self.params.batch_size
-        common = dict(max_new_tokens=self.params.max_new_tokens, temperature=0.0, seed=self.params.seed)
+        common = {"max_new_tokens": self.params.max_new_tokens, "temperature": 0.0, "seed": self.params.seed}
         for s in range(0, len(unique), bs):
             prompts = [k[-1] for k in unique[s : s + bs]]
-            steer = dict(sae=self.sae, features=list(feats), strengths=sae_rows[s : s + bs], mode="paper") if len(feats) else {}
+            steer = {"sae": self.sae, "features": list(feats), "strengths": sae_rows[s : s + bs], "mode": "paper"} if len(feats) else {}
             if vector is not None and bool(vec_rows[s : s + bs].any()):
                 with add_vector(self.lm, self.sae.layer, vector, vec_rows[s : s + bs]):
                     texts += generate(self.lm, prompts, **steer, **common)
@@ -804,7 +810,9 @@ def default_out_dir(model_name: str, sae_id: str) -> Path:
     """Where ``eval`` writes by default: ``$SAESTEER_CACHE/eval/<model>/<sae id>``."""
     from .models import cache_root
 
-    safe = lambda s: s.replace("/", "__").replace(":", "_")  # noqa: E731
+    def safe(name: str) -> str:
+        return name.replace("/", "__").replace(":", "_")
+
     return cache_root() / "eval" / safe(model_name) / safe(sae_id)
 
 

@@ -282,11 +282,12 @@ def _decode_windows(a: dict[str, np.ndarray], docs: np.ndarray, shape: tuple[int
     table, seq_docs, start = a["seq_tokens"], a["seq_docs"], a["ctx_start"]
     w = shape[2]
     used = docs >= 0
-    rows = np.searchsorted(seq_docs, np.where(used, docs, seq_docs[0] if len(seq_docs) else 0))
-    rows = np.clip(rows, 0, max(len(table) - 1, 0))
-    cols = np.clip(start[..., None] + np.arange(w), 0, max(table.shape[1] - 1, 0))
-    tokens = table[rows[..., None], cols] if len(table) else np.full(shape, -1, np.int32)
-    tokens = np.where(used[..., None], tokens, -1).astype(np.int32)
+    if used.any() and (len(table) == 0 or int((start[used] + w).max()) > table.shape[1]):
+        raise FeatureDataError("stored context windows reach past their sequences: the feature data is inconsistent")
+    base = np.searchsorted(seq_docs, docs).astype(np.int64) * table.shape[1] + start  # (n, N) flat offset
+    base[~used] = 0
+    tokens = np.take(table.reshape(-1), base[..., None] + np.arange(w)) if table.size else np.zeros(shape, np.int32)
+    tokens[~used] = -1
     return tokens, start
 
 

@@ -108,6 +108,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     for target, payload in ((path, data), (_sidecar(path), json.dumps({"bytes": len(data), "sha256": _sha256(data)}).encode())):
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would make shipped or shared files unreadable to others
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
                 fh.flush()

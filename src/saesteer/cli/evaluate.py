@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from ..config import MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
-from . import USER_ERRORS, add_model_args, add_sae_args, fail, model_spec_from_args, sae_spec_from_args
+from . import (
+    USER_ERRORS,
+    add_model_args,
+    add_sae_args,
+    fail,
+    model_spec_from_args,
+    sae_spec_from_args,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -73,19 +73,26 @@ class _Bars:
 
     def __init__(self):
         self.bars = {}
+        self.done: set[str] = set()
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         from tqdm.auto import tqdm
 
+        if stage in self.done:
+            return
         bar = self.bars.get(stage)
         if bar is None:
             unit = "tok" if stage == "activations" else "feat"
             bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, unit_scale=stage == "activations", file=sys.stderr)
         bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()  # so that its rate and elapsed time are the stage's own
+            self.done.add(stage)
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        for stage, bar in self.bars.items():
+            if stage not in self.done:
+                bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
