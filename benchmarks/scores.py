@@ -1,6 +1,6 @@
 """Benchmark of the scoring pipeline on the embedded Gemma 3 270M; prints ratios measured in one run.
 
-    nice -n 5 python benchmarks/scores.py [--layer 8] [--ref-features 4] [--seqs 16] [--batches 6] [--part all|output|activations]
+    nice -n 5 python benchmarks/scores.py [--layer 8] [--ref-features 4] [--seqs 32] [--batches 8] [--part all|output|activations]
 
 1. output score: one-forward-per-feature reference vs the batched KV-cache path (time per feature, ratio);
 2. achieved GFLOP/s of the batched pass next to a plain fp32 matmul measured in the same run;
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=8, help="SAE layer (a bundled one when it exists)")
     ap.add_argument("--ref-features", type=int, default=4, help="features timed with the reference")
-    ap.add_argument("--seqs", type=int, default=16, help="sequences of 128 tokens per activation-pass batch")
-    ap.add_argument("--batches", type=int, default=6, help="activation-pass batches (the second half is the steady state)")
+    ap.add_argument("--seqs", type=int, default=32, help="sequences of 128 tokens per activation-pass batch")
+    ap.add_argument("--batches", type=int, default=8, help="activation-pass batches; the second half (past the first 100 sequences, once the top-100 buffers are full) is the steady state")
     ap.add_argument("--part", choices=["all", "output", "activations"], default="all", help="run only one half")
     args = ap.parse_args(argv)
 
