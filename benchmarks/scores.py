@@ -13,6 +13,7 @@ Uses a bundled SAE when one exists, else a random-direction TopK SAE of width 40
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import tempfile
@@ -30,7 +31,12 @@ from saesteer.corpus import iter_bundled
 from saesteer.features import FeatureData, build_feature_data
 from saesteer.models import load_model
 from saesteer.saes import LoadedSae, list_bundled, load_sae
-from saesteer.scores import logit_lens, output_score_reference, output_scores
+from saesteer.scores import (
+    OutputScoreResult,
+    logit_lens,
+    output_score_reference,
+    output_scores,
+)
 from saesteer.steering import capture_residuals, run_until_stop
 
 
@@ -65,7 +71,7 @@ def random_topk_sae(d_model: int, layer: int, width: int = 4096, k: int = 64) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=8, help="SAE layer (a bundled one when it exists)")
-    ap.add_argument("--ref-features", type=int, default=4, help="features timed with the reference")
+    ap.add_argument("--ref-features", type=int, default=8, help="reference features, spread over the batches")
     ap.add_argument("--seqs", type=int, default=32, help="sequences of 128 tokens per activation-pass batch")
     ap.add_argument("--batches", type=int, default=8, help="activation-pass batches; the second half (past the first 100 sequences, once the top-100 buffers are full) is the steady state")
     ap.add_argument("--part", choices=["all", "output", "activations"], default="all", help="run only one half")
@@ -96,57 +102,58 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_output_scores(lm, sae, params, ref_features: int):
+    """Each batch of features is timed next to one reference feature and the plain matmuls, so every ratio
+    comes from measurements seconds apart (the shared machine's load drifts over minutes)."""
     V, d = lm.vocab_size, lm.d_model
-    # -- plain matmuls, same process; the square one again after the batched pass (the machine is shared) --
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-
-    def square_gflops() -> float:
-        timed(lambda: a @ b)
-        return 2 * 2048**3 / timed(lambda: a @ b, 3)[0] / 1e9
-
-    gf_before = square_gflops()
-    h = torch.randn(params.batch_size, d)
-    w = lm.lm_head.weight
+    h, w = torch.randn(params.batch_size, d), lm.lm_head.weight
+    timed(lambda: a @ b)
     timed(lambda: h @ w.T)
-    t_un, _ = timed(lambda: h @ w.T, 2)
-    gf_unembed = 2 * params.batch_size * V * d / t_un / 1e9
-    print(f"plain fp32 matmul: square 2048^3 {gf_before:.1f} GFLOP/s; unembedding-shaped {params.batch_size}x{d}x{V} {gf_unembed:.1f} GFLOP/s")
 
-    # -- output score: reference vs batched ----------------------------------------------------------------
-    feats = np.linspace(0, sae.width - 1, ref_features + 1).astype(int)
-    output_score_reference(lm, sae, int(feats[0]), params)  # warm-up
-    t_ref = sum(timed(lambda f=f: output_score_reference(lm, sae, int(f), params))[0] for f in feats[1:]) / ref_features
     t_lens, lens = timed(lambda: logit_lens(lm, sae, k=params.top_k))
     print(f"logit lens, all {sae.width} features: {t_lens:.1f} s ({t_lens / sae.width * 1e3:.2f} ms/feature)")
     output_scores(lm, sae, params, features=np.arange(8), lens=lens)  # warm-up
-    t_all, out = timed(lambda: output_scores(lm, sae, params, lens=lens))
-    t_batched = t_all / sae.width
-    peak_scores = rss_gb()
-    gf_square = (gf_before + square_gflops()) / 2
+    output_score_reference(lm, sae, 0, params)
     non_embed = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
-    flops = sae.width * (2 * non_embed + 2 * V * d)  # per row: the blocks for one token + the unembedding
-    gf_batched = flops / t_all / 1e9
-    ref = output_score_reference(lm, sae, 0, params)
-    print(f"output score reference: {t_ref * 1e3:.1f} ms/feature")
-    print(f"output score batched ({params.batch_size}/forward, all {sae.width} features): {t_all:.1f} s = {t_batched * 1e3:.2f} ms/feature")
-    print(f"  speed-up batched vs reference: {t_ref / t_batched:.1f}x (target >= 30x)")
-    print(f"  batched pass {gf_batched:.1f} GFLOP/s = {gf_batched / gf_square:.0%} of the square matmul (mean of before/after), "
-          f"{gf_batched / gf_unembed:.0%} of the unembedding-shaped matmul (target >= 50%)")
-    print(f"  feature 0: batched {out.score[0]:.6g} vs reference {ref.score:.6g} (rel. diff {abs(out.score[0] - ref.score) / max(ref.score, 1e-30):.1e})")
+    chunks = np.array_split(np.arange(sae.width), max(1, sae.width // params.batch_size))
+    ref_every = max(1, len(chunks) // max(ref_features, 1))
+    rows, parts = [], []
+    for i, chunk in enumerate(chunks):
+        t_batch, part = timed(lambda c=chunk: output_scores(lm, sae, params, features=c, lens=lens.subset(c)))
+        parts.append(part)
+        t_ref = timed(lambda f=int(chunk[0]): output_score_reference(lm, sae, f, params))[0] if i % ref_every == 0 else math.nan
+        t_sq = timed(lambda: a @ b)[0]
+        t_un = timed(lambda: h @ w.T)[0]
+        flops = len(chunk) * (2 * non_embed + 2 * V * d)  # per row: the blocks for one token + the unembedding
+        rows.append((t_batch / len(chunk), t_ref, flops / t_batch / 1e9, 2 * 2048**3 / t_sq / 1e9, 2 * params.batch_size * V * d / t_un / 1e9))
+    peak_scores = rss_gb()
+    per_feat, ref, gf, gf_sq, gf_un = map(np.array, zip(*rows))
+    has_ref = ~np.isnan(ref)
+    ratio = ref[has_ref] / per_feat[has_ref]
+    print(f"output score reference: {np.median(ref[has_ref]) * 1e3:.0f} ms/feature (median of {has_ref.sum()}, each next to a batch)")
+    print(f"output score batched ({params.batch_size}/forward, all {sae.width} features): {per_feat.sum() * params.batch_size:.0f} s "
+          f"in {len(chunks)} batches, median {np.median(per_feat) * 1e3:.1f} ms/feature")
+    print(f"  speed-up batched vs reference (adjacent pairs): median {np.median(ratio):.0f}x, range {ratio.min():.0f}-{ratio.max():.0f}x (target >= 30x)")
+    print(f"  batched pass: median {np.median(gf):.1f} GFLOP/s; plain fp32 matmul next to each batch: square 2048^3 median "
+          f"{np.median(gf_sq):.1f}, unembedding-shaped {params.batch_size}x{d}x{V} median {np.median(gf_un):.1f} GFLOP/s")
+    print(f"  batched / square matmul per batch: median {np.median(gf / gf_sq):.0%}; batched / unembedding-shaped: median "
+          f"{np.median(gf / gf_un):.0%} (target >= 50%)")
+    out = OutputScoreResult(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("features", "score", "min_rank", "max_prob",
+                                                                                         "token_ids", "ranks", "probs")),
+                            parts[0].added_activation, parts[0].vocab_size, parts[0].rank_cap)
+    check = output_score_reference(lm, sae, 0, params)
+    print(f"  feature 0: batched {out.score[0]:.6g} vs reference {check.score:.6g} (rel. diff {abs(out.score[0] - check.score) / max(check.score, 1e-30):.1e})")
     print(f"  peak RSS after scoring all features: {peak_scores:.2f} GB (target < 4 GB)")
-
     return lens, out
 
 
 def bench_activations(lm, sae, bundled, args):
-    # -- activation pass vs a bare forward -----------------------------------------------------------------
-    # The first batches of a pass fill the empty top-N buffers (every feature's candidates enter); a real pass
-    # over 1e5+ tokens runs almost entirely in the steady state after that, so both are reported.
+    """The bare forwards of each batch run right before the pass processes that batch (inside the sequence
+    generator it reads), so each batch's ratio comes from adjacent measurements. The first batches fill the
+    empty top-N buffers (every candidate enters); the second half is the steady state of a long pass."""
     n_seq = args.seqs * args.batches
     seqs = list(islice(pack_sequences(lm.tokenizer, iter_bundled("train"), 128), n_seq))
     batches = [seqs[i : i + args.seqs] for i in range(0, n_seq, args.seqs)]
-    steady = batches[args.batches // 2 :]
-    steady_tokens = sum(len(s) - 1 for b_ in steady for s in b_)
     decoder = lm.model.get_decoder()
 
     def bare(batch, layer: int | None):
@@ -158,30 +165,39 @@ def bench_activations(lm, sae, bundled, args):
             with capture_residuals(lm, [layer], stop=True):
                 run_until_stop(lambda: decoder(input_ids=ids, use_cache=False))
 
-    def timed_pass(saes_):
+    def interleaved(saes_, layer: int, full: bool):
+        bare_t, full_t = [], []
+
+        def feed():
+            for batch in batches:
+                bare_t.append(timed(lambda b_=batch: bare(b_, layer))[0])
+                full_t.append(timed(lambda b_=batch: bare(b_, None))[0] if full else math.nan)
+                yield from batch
+
         stamps = [time.perf_counter()]
-        stats_ = activation_pass(lm, saes_, seqs, batch_size=args.seqs, progress=lambda done, total: stamps.append(time.perf_counter()))
-        per_batch = np.diff(stamps)  # (batches,)
-        return stats_, per_batch[args.batches // 2 :].sum(), per_batch.sum()
+        stats_ = activation_pass(lm, saes_, feed(), batch_size=args.seqs, progress=lambda done, total: stamps.append(time.perf_counter()))
+        bare_t, full_t = np.array(bare_t), np.array(full_t)
+        pass_t = np.diff(stamps) - bare_t - np.nan_to_num(full_t)
+        tokens = np.array([sum(len(s) - 1 for s in b_) for b_ in batches])
+        half = slice(args.batches // 2, None)
+        return stats_, tokens, pass_t, bare_t, full_t, half
 
     bare(batches[0], sae.layer)  # warm-up
-    t_bare = sum(timed(lambda b_=b_: bare(b_, sae.layer))[0] for b_ in steady)
-    t_full = sum(timed(lambda b_=b_: bare(b_, None))[0] for b_ in steady)
-    [stats], t_steady, t_whole = timed_pass([sae])
-    tps_bare, tps_full, tps_pass = steady_tokens / t_bare, steady_tokens / t_full, steady_tokens / t_steady
-    print(f"activation pass, one SAE ({len(seqs)} sequences of 128 in batches of {args.seqs}; steady state = last "
-          f"{len(steady)} batches): {tps_pass:.0f} tok/s steady, {sum(len(s) - 1 for s in seqs) / t_whole:.0f} tok/s incl. the first batches")
-    print(f"  bare forward to layer {sae.layer}: {tps_bare:.0f} tok/s -> pass at {tps_pass / tps_bare:.0%} (target >= 80%)")
-    print(f"  bare forward, all {lm.n_layers} layers: {tps_full:.0f} tok/s -> pass at {tps_pass / tps_full:.0%}")
-
+    [stats], tokens, pass_t, bare_t, full_t, half = interleaved([sae], sae.layer, full=True)
+    print(f"activation pass, one SAE ({len(seqs)} sequences of 128 in batches of {args.seqs}; steady state = last {args.batches - args.batches // 2} batches):")
+    print(f"  pass {np.median(tokens[half] / pass_t[half]):.0f} tok/s, bare forward to layer {sae.layer} {np.median(tokens[half] / bare_t[half]):.0f} tok/s, "
+          f"all {lm.n_layers} layers {np.median(tokens[half] / full_t[half]):.0f} tok/s (medians per batch)")
+    print(f"  pass / bare forward to layer {sae.layer}, per batch: steady median {np.median(bare_t[half] / pass_t[half]):.0%} "
+          f"(target >= 80%), first batches {', '.join(f'{r:.0%}' for r in (bare_t / pass_t)[: args.batches // 2])}; "
+          f"pass / full forward: median {np.median(full_t[half] / pass_t[half]):.0%}")
     if len(bundled) > 1:  # the bundle's use: every SAE of the model in one pass, stopped after the deepest layer
         saes = [load_sae(SaeSpec(source="bundled", sae_id=e["id"]), lm) for e in bundled]
         deepest = max(s.layer for s in saes)
-        t_bare_all = sum(timed(lambda b_=b_: bare(b_, deepest))[0] for b_ in steady)
-        _, t_steady_all, _ = timed_pass(saes)
-        print(f"activation pass, all {len(saes)} bundled SAEs at once: {steady_tokens / t_steady_all:.0f} tok/s steady; bare forward "
-              f"to layer {deepest}: {steady_tokens / t_bare_all:.0f} tok/s -> pass at {t_bare_all / t_steady_all:.0%} (target >= 80%)")
-
+        _, tokens, pass_t, bare_t, _, half = interleaved(saes, deepest, full=False)
+        print(f"activation pass, all {len(saes)} bundled SAEs at once: {np.median(tokens[half] / pass_t[half]):.0f} tok/s steady; "
+              f"bare forward to layer {deepest}: {np.median(tokens[half] / bare_t[half]):.0f} tok/s; per batch steady median "
+              f"{np.median(bare_t[half] / pass_t[half]):.0%} (target >= 80%), first batches "
+              f"{', '.join(f'{r:.0%}' for r in (bare_t / pass_t)[: args.batches // 2])}")
     return stats
 
 
