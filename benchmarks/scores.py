@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-features", type=int, default=8, help="reference features, spread over the batches")
     ap.add_argument("--seqs", type=int, default=32, help="sequences of 128 tokens per activation-pass batch")
     ap.add_argument("--batches", type=int, default=8, help="activation-pass batches; the second half (past the first 100 sequences, once the top-100 buffers are full) is the steady state")
+    ap.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features per forward of the output score")
     ap.add_argument("--part", choices=["all", "output", "activations"], default="all", help="run only one half")
     args = ap.parse_args(argv)
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sae = random_topk_sae(lm.d_model, args.layer)
         print(f"SAE: NO bundled SAE yet -> random-direction TopK SAE, width {sae.width}, layer {sae.layer} (random weights, timing only)")
-    params = ScoreParams()
+    params = ScoreParams(batch_size=args.batch_size)
     print(f"rss after load: {rss_gb():.2f} GB")
 
     if args.part != "activations":
