@@ -227,7 +227,7 @@ def test_second_run_reads_the_cache_and_save_load_round_trips(tiny_lm, tmp_path,
 def test_feature_data_accessors(tiny_lm):
     sae = make_tiny_sae(seed=13)
     seqs = _corpus(tiny_lm, n=30, seed=1)
-    data = compute_many(tiny_lm, [sae], seqs, ScoreParams(batch_size=64), n_tokens=None, cache=False)[0]
+    data = features_mod.compute_feature_data(tiny_lm, sae, seqs, ScoreParams(batch_size=64), n_tokens=None, cache=False)
     table = data.table
     assert list(table.columns[:6]) == ["feature", "output_score", "input_score", "density", "max_activation", "top_tokens"]
     assert len(table) == sae.width

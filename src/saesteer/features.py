@@ -511,6 +511,20 @@ def compute_many(
     return [results[s.id] for s in saes]
 
 
+def compute_feature_data(
+    lm: LoadedModel,
+    sae: LoadedSae,
+    corpus_sequences: Iterable[Sequence[int]] | None,
+    params: ScoreParams | None = None,
+    n_tokens: int | None = DEFAULT_TOKENS,
+    cache: bool = True,
+    progress: StageProgress | None = None,
+    **kwargs,
+) -> FeatureData:
+    """:func:`compute_many` for one SAE (same keyword arguments, e.g. ``only``, ``features``, ``store``)."""
+    return compute_many(lm, [sae], corpus_sequences, params, n_tokens, cache=cache, progress=progress, **kwargs)[0]
+
+
 def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae, score_part, progress) -> OutputScoreResult:
     """Computed and saved in chunks of OUTPUT_CHUNK features (the unit of resumption). For a subset of the
     features, complete chunks already in the cache are reused and the rest is computed without saving."""
