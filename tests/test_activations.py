@@ -117,7 +117,7 @@ def test_several_saes_in_one_pass_equal_separate_passes(tiny_lm):
 
 
 def _residual_batches(lm, seqs, layers, batch):
-    """Residuals as bundle.collect_activations stores them: BOS column dropped, flattened (B·(P−1), d)."""
+    """Residuals as bundle.collect_activations_from_ids stores them: BOS column dropped, flattened (B·(P−1), d)."""
     for i in range(0, len(seqs), batch):
         ids = torch.tensor(seqs[i : i + batch])
         with torch.no_grad(), capture_residuals(lm, layers) as resid:

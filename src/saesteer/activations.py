@@ -336,7 +336,7 @@ def from_residuals(
 
 
 def iter_residual_shards(root: str | Path, layers: Sequence[int]) -> Iterator[ResidualBatch]:
-    """Batches from the fp16 shards ``bundle.collect_activations`` writes (``root/L{layer}/{i:05d}.npy`` with the
+    """Batches from the shards ``bundle.collect_activations_from_ids`` writes (``root/L{layer}/{i:05d}.npy`` with the
     BOS column dropped, ``root/token_ids/{i:05d}.npy``), in shard order, stopping at the first incomplete shard."""
     root = Path(root)
     names = sorted(p.name for p in (root / "token_ids").glob("*.npy") if not p.name.endswith(".tmp.npy"))
