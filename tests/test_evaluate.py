@@ -443,6 +443,28 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
     assert list_runs([out.parent]) == [out]
 
 
+def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from saesteer import evaluate
+
+    res, _, out, _ = tiny_run
+    assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}
+    assert res.meta["finished"] and evaluate.run_progress(res, out) == evaluate.RunProgress(True, 2, 0, 1, 2, TINY.methods)
+    assert evaluate.RESULTS_DIR in evaluate.eval_roots() and evaluate.RESULTS_DIR == evaluate.ASSETS_EVAL / "results"
+    monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluate, "RESULTS_DIR", tmp_path / "assets" / "eval" / "results")
+    cached = evaluate.default_out_dir("tiny-gemma3", "tiny-topk-L2")
+    shipped = evaluate.RESULTS_DIR / "gemma-3-270m" / "L8-topk64-w4096"  # results committed for the embedded model
+    for d in (cached, shipped):
+        shutil.copytree(out, d)
+    (evaluate.RESULTS_DIR / "notes").mkdir()
+    (evaluate.RESULTS_DIR / "notes" / "meta.json").write_text("{}")  # no units/: not a run
+    assert list_runs() == sorted([cached, shipped])
+    assert cached.is_relative_to(tmp_path / "cache" / "eval")
+    pd.testing.assert_frame_equal(load_results(shipped).generations, res.generations)
+
+
 def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm, tiny_sae, monkeypatch):
     _, scores, out, _ = tiny_run
     assert_no_hooks(tiny_lm)

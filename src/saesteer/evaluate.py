@@ -72,6 +72,8 @@ from .models import LoadedModel
 from .saes import LoadedSae
 
 ASSETS_EVAL = Path(__file__).resolve().parents[2] / "assets" / "eval"
+#: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/`` (as :class:`Evaluation` writes them).
+RESULTS_DIR = ASSETS_EVAL / "results"
 SAE_METHODS = ("sae_output", "sae_input", "sae_random")
 GRID_METHODS = (*SAE_METHODS, "diffmean")
 BASELINES = ("unsteered", "prompt", "diffmean", "lora")
@@ -724,6 +726,10 @@ class Evaluation:
     def run(self, concepts: Sequence[str], n_concepts: int | None = None) -> None:
         """Evaluate concepts in order until ``n_concepts`` have candidates (skipped ones are recorded too)."""
         methods = [m for m in METHODS if m in self.params.methods]
+        # What this run is to cover, so that a reader of a partial run can tell how far it got.
+        self.meta["run"] = {"concepts": list(concepts), "n_concepts": n_concepts, "methods": methods}
+        self.meta.pop("finished", None)
+        _write_json(self.out / "meta.json", self.meta)
         self._unsteered()
         if {"diffmean", "lora"} & set(methods):
             self._concept_texts(concepts)  # one corpus pass for every concept
@@ -751,6 +757,8 @@ class Evaluation:
             t = self.run_concept(concept, sel, pending)
             rate = t["row_steps"] / t["gen_seconds"] if t["gen_seconds"] else float("nan")
             self.log(f"{concept}: {', '.join(pending)} done in {t['seconds']:.0f}s ({len(sel.candidates)} candidates; {rate:.0f} decoded tokens/s)")
+        self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_json(self.out / "meta.json", self.meta)
 
 
 def run_evaluation(
@@ -816,12 +824,18 @@ def default_out_dir(model_name: str, sae_id: str) -> Path:
     return cache_root() / "eval" / safe(model_name) / safe(sae_id)
 
 
-def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:
-    """Evaluation directories (holding meta.json) under ``roots``: by default the cache's ``eval/`` and the
-    results shipped under ``assets/eval/results/``; sorted by path."""
+def eval_roots() -> list[Path]:
+    """Where :func:`list_runs` looks by default: the cache's ``eval/`` (where ``eval`` writes unless given
+    ``--out``) and the results shipped under ``assets/eval/results/`` (:data:`RESULTS_DIR`)."""
     from .models import cache_root
 
-    roots = [cache_root() / "eval", ASSETS_EVAL / "results"] if roots is None else [Path(r) for r in roots]
+    return [cache_root() / "eval", RESULTS_DIR]
+
+
+def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:
+    """Evaluation directories (holding meta.json and units/) under ``roots`` (default :func:`eval_roots`),
+    at any depth; sorted by path."""
+    roots = eval_roots() if roots is None else [Path(r) for r in roots]
     found = {p.parent for r in roots if Path(r).exists() for p in Path(r).rglob("meta.json") if (p.parent / "units").is_dir()}
     return sorted(found)
 
@@ -844,6 +858,44 @@ def load_results(out: str | Path) -> EvalResults:
     tpath = out / "timings.jsonl"
     timings = pd.read_json(tpath, lines=True) if tpath.exists() and tpath.stat().st_size else pd.DataFrame()
     return EvalResults(gens, units, meta, timings)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far an evaluation directory got (see :func:`run_progress`)."""
+
+    finished: bool
+    """The run ended normally (an interrupted or still running one has not)."""
+    n_done: int
+    """Concepts with a result for every method of the run."""
+    n_partial: int
+    """Concepts with results for some methods only (the run stopped inside them)."""
+    n_skipped: int
+    """Concepts every method skipped (no candidate features)."""
+    target: int | None
+    """Concepts with candidates the run was asked for (``--n-concepts``); None when the run did not record it."""
+    methods: tuple[str, ...]
+
+
+def run_progress(results: EvalResults, out: str | Path) -> RunProgress:
+    """Progress of the run in ``out``. Runs record their goal and a ``finished`` stamp in meta.json; for
+    runs written before that, the report files (written after the last concept) mark a finished run."""
+    meta = results.meta
+    goal = meta.get("run") or {}
+    methods = tuple(goal.get("methods") or (meta.get("params") or {}).get("methods") or METHODS)
+    n_done = n_partial = n_skipped = 0
+    units = results.units
+    if len(units):
+        for _, part in units.groupby("concept", sort=False):
+            status = set(part["status"])
+            if status == {"skipped"}:
+                n_skipped += 1
+            elif set(methods) <= set(part["method"]):
+                n_done += 1
+            else:
+                n_partial += 1
+    stamped = meta.get("finished") is not None if "run" in meta else (Path(out) / "methods.csv").exists()
+    return RunProgress(stamped and n_partial == 0, n_done, n_partial, n_skipped, goal.get("n_concepts"), methods)
 
 
 def summarize(generations: pd.DataFrame) -> pd.DataFrame:
@@ -950,6 +1002,22 @@ def fig_concepts(summary: pd.DataFrame, metric: str = "combined"):
     fig = go.Figure(go.Heatmap(z=pivot.to_numpy(), x=list(pivot.columns), y=[esc(c) for c in pivot.index], zmin=0, zmax=1,
                                colorscale="Viridis", hovertemplate="%{y} · %{x}: %{z:.2f}<extra></extra>"))
     fig.update_layout(height=max(300, 18 * len(pivot) + 80), margin=dict(l=100, r=20, t=30, b=40), title=f"{metric} per concept")
+    return fig
+
+
+def fig_compare(table: pd.DataFrame, metric: str = "combined"):
+    """Grouped bars of ``metric`` per method, one bar group per method and one bar per run (``run`` column)."""
+    import plotly.graph_objects as go
+
+    from .plots import esc
+
+    fig = go.Figure()
+    for run, part in table.groupby("run", sort=False):
+        part = part.set_index("method").reindex([m for m in METHODS if m in set(part["method"])])
+        sem = part.get(f"{metric}_sem", pd.Series(np.nan, index=part.index)).fillna(0)
+        fig.add_trace(go.Bar(x=list(part.index), y=part[metric], name=esc(run), error_y=dict(type="data", array=sem)))
+    fig.update_layout(barmode="group", height=380, yaxis=dict(title=f"{metric} (test half, mean over concepts)", rangemode="tozero"),
+                      margin=dict(l=50, r=20, t=30, b=40), legend_title_text="run")
     return fig
 
 

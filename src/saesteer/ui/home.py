@@ -38,3 +38,5 @@ def render(ctx: AppContext) -> None:
         st.caption("Type a concept, get the features that say it.")
         link("lab")
         st.caption("Steer the model live; demo mode for presentations.")
+        link("evaluation")
+        st.caption("Does output-score selection steer better? Measured, against baselines.")

@@ -326,3 +326,26 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
         data.save(target)
 
     return jobs().start(job_key(model_name, sae), target, work)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation runs (written by ``python -m saesteer eval``; read-only here)
+
+
+def eval_stamp(path: Path) -> tuple:
+    """Changes whenever the run in ``path`` writes: units land in units/ by atomic renames, meta.json is rewritten."""
+    stamp = []
+    for p in (path / "meta.json", path / "units", path / "timings.jsonl", path / "methods.csv"):
+        try:
+            stamp.append(p.stat().st_mtime_ns)
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
+@st.cache_data(show_spinner="Reading the evaluation…", max_entries=16)
+def load_eval(path: str, stamp: tuple):
+    """``evaluate.load_results`` of ``path``, cached until the run writes again (errors are raised, not cached)."""
+    from ..evaluate import load_results
+
+    return load_results(path)

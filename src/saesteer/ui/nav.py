@@ -23,6 +23,7 @@ PAGES = {
     "card": PageInfo("pages/3_Feature_card.py", "Feature card", ":material/article:"),
     "concepts": PageInfo("pages/4_Concept_search.py", "Concept search", ":material/search:"),
     "lab": PageInfo("pages/5_Steering_lab.py", "Steering lab", ":material/tune:"),
+    "evaluation": PageInfo("pages/6_Evaluation.py", "Evaluation", ":material/fact_check:"),
 }
 
 
