@@ -836,7 +836,8 @@ def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:
     """Evaluation directories (holding meta.json and units/) under ``roots`` (default :func:`eval_roots`),
     at any depth; sorted by path."""
     roots = eval_roots() if roots is None else [Path(r) for r in roots]
-    found = {p.parent for r in roots if Path(r).exists() for p in Path(r).rglob("meta.json") if (p.parent / "units").is_dir()}
+    found = {p.parent for r in roots if Path(r).exists() for p in Path(r).rglob("meta.json")
+             if (p.parent / "units").is_dir() or (p.parent / PACKED_UNITS).is_file()}
     return sorted(found)
 
 
@@ -847,6 +848,12 @@ def load_results(out: str | Path) -> EvalResults:
     if not meta_path.exists():
         raise FileNotFoundError(f"{out} holds no evaluation (no meta.json): run `python -m saesteer eval` first")
     meta = json.loads(meta_path.read_text())
+    if not (out / "units").is_dir() and (out / PACKED_UNITS).is_file():
+        units = pd.read_parquet(out / PACKED_UNITS)
+        gens = pd.read_parquet(out / "generations.parquet")
+        tpath = out / "timings.jsonl"
+        timings = pd.read_json(tpath, lines=True) if tpath.exists() and tpath.stat().st_size else pd.DataFrame()
+        return EvalResults(gens, units, meta, timings)
     unit_rows, frames = [], []
     for j in sorted((out / "units").glob("*.json")):
         unit_rows.append(json.loads(j.read_text()))
@@ -858,6 +865,36 @@ def load_results(out: str | Path) -> EvalResults:
     tpath = out / "timings.jsonl"
     timings = pd.read_json(tpath, lines=True) if tpath.exists() and tpath.stat().st_size else pd.DataFrame()
     return EvalResults(gens, units, meta, timings)
+
+
+#: A packed run (:func:`pack_results`) keeps its unit records in one file instead of ``units/``.
+PACKED_UNITS = "units.parquet"
+
+
+def pack_results(src: str | Path, dest: str | Path) -> Path:
+    """Copy the finished run in ``src`` to ``dest`` in packed form: meta.json, the unit records as one
+    ``units.parquet``, generations.parquet, timings.jsonl and the CSV tables (no per-unit files, no HTML
+    report with inlined plotly). :func:`load_results` reads it like the original; it cannot be resumed."""
+    src, dest = Path(src), Path(dest)
+    results = load_results(src)
+    if not len(results.units):
+        raise ConfigError(f"{src} holds no finished units to pack")
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = {**results.meta, "packed_from": str(src)}
+    _write_json(dest / "meta.json", meta)
+    units = results.units.copy()
+    for col in units.columns:  # parquet needs one type per column: lists and scalars mixed with None are fine
+        if units[col].map(lambda v: isinstance(v, (dict, tuple))).any():
+            units[col] = units[col].map(lambda v: json.dumps(v, default=_json_default) if isinstance(v, (dict, tuple)) else v)
+    _write_parquet(dest / PACKED_UNITS, units)
+    _write_parquet(dest / "generations.parquet", results.generations)
+    if (src / "timings.jsonl").exists():
+        (dest / "timings.jsonl").write_text((src / "timings.jsonl").read_text())
+    summary = results.summary()
+    summary.to_csv(dest / "summary.csv", index=False)
+    method_table(summary).to_csv(dest / "methods.csv", index=False)
+    results.units.to_csv(dest / "units.csv", index=False)
+    return dest
 
 
 @dataclass(frozen=True)
