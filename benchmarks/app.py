@@ -4,8 +4,9 @@
   cached, through Streamlit's AppTest (browser rendering not included);
 - time to the first steered token after the Generate click (in-app, from the click's script run);
 - load time of one bundled layer's feature scores (cold, from disk) and of every layer's score table;
-- single-stream live decode tokens/s of ``steering.stream`` (steered, fast and float32 unembedding, and
-  unsteered).
+- live decode tokens/s, detokenization included: single stream (``steering.stream``, steered and
+  unsteered, float32 vs fast = the bf16 copy of the whole model) and the side-by-side pair the lab shows
+  (``steering.stream_pair``: baseline + steered as one 2-row batch, tokens/s per column).
 
 If no precomputed feature data is bundled yet, it is computed once for the chosen layer over a small
 slice of the bundled corpus into the app's on-disk cache (where the app would put it; bundled data takes
@@ -43,6 +44,24 @@ def stream_rate(lm, sae, prompt: str, tokens: int, features: tuple[int, ...], fa
         n += 1
         if first is None:
             first = time.perf_counter()
+    end = time.perf_counter()
+    return first - t0, (n - 1) / (end - first) if n > 1 else float("nan")
+
+
+def pair_rate(lm, sae, prompt: str, tokens: int, feature: int, fast: bool) -> tuple[float, float]:
+    """(seconds to the first steered piece, steps per second after it = tokens/s per column) of one paired stream."""
+    from saesteer.config import SteerParams
+    from saesteer.steering import stream_pair
+
+    params = SteerParams(features=(feature,), strengths=(4.0,), max_new_tokens=tokens)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for _, steered in stream_pair(lm, prompt, sae=sae, params=params, fast=fast):
+        if first is None and steered:
+            first = time.perf_counter()
+        if first is not None:
+            n += 1
     end = time.perf_counter()
     return first - t0, (n - 1) / (end - first) if n > 1 else float("nan")
 
@@ -126,14 +145,19 @@ def main() -> int:
         at.text_area(key="lab_prompt").input(f"From my experience, {i}").run()
         at.button(key="lab_go").click().run()
         firsts.append(at.session_state["lab_last"]["first_token_s"])
-    print(f"first steered token after the Generate click (in-app, fast decode {at.checkbox(key='lab_fast').value}): median {median(firsts) * 1e3:.0f} ms over {args.repeats}")
+    print(f"first steered token after the Generate click (in-app, both columns as one pair, fast decode {at.checkbox(key='lab_fast').value}): median {median(firsts) * 1e3:.0f} ms over {args.repeats}")
 
     # --- live decode ---------------------------------------------------------------------------------
     feature = int(data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
-    print(f"single-stream decode, {args.tokens} new tokens, steering feature {feature} (median of {args.repeats}):")
-    for label, features, fast in (("steered, fast (bf16 unembedding)", (feature,), True), ("steered, float32", (feature,), False), ("unsteered, fast", (), True)):
+    print(f"live decode, {args.tokens} new tokens, steering feature {feature} (median of {args.repeats}):")
+    singles = (("single, steered, fast (bf16 whole model)", (feature,), True), ("single, steered, float32", (feature,), False),
+               ("single, unsteered, fast", (), True), ("single, unsteered, float32", (), False))
+    for label, features, fast in singles:
         runs = [stream_rate(lm, sae, "From my experience,", args.tokens, features, fast) for _ in range(args.repeats)]
-        print(f"  {label:<34} {median([r[1] for r in runs]):5.1f} tokens/s · first token {median([r[0] for r in runs]) * 1e3:.0f} ms")
+        print(f"  {label:<42} {median([r[1] for r in runs]):5.1f} tokens/s · first token {median([r[0] for r in runs]) * 1e3:.0f} ms")
+    for label, fast in (("pair (baseline + steered), fast", True), ("pair (baseline + steered), float32", False)):
+        runs = [pair_rate(lm, sae, "From my experience,", args.tokens, feature, fast) for _ in range(args.repeats)]
+        print(f"  {label:<42} {median([r[1] for r in runs]):5.1f} tokens/s per column · first steered token {median([r[0] for r in runs]) * 1e3:.0f} ms")
     return 0
 
 

@@ -1,8 +1,12 @@
-"""Single-stream greedy decode speed of the embedded model: unsteered vs paper-mode steered, float32 vs the
-bf16 fast-decode unembedding; plus the batch-1 unembedding alone (fp32 / bf16 / int8 dynamic).
+"""Live decode speed of the embedded model: single stream, float32 vs fast (a bf16 copy of the whole model),
+unsteered and paper-mode steered; and the side-by-side pair (baseline + steered as one 2-row batch, what the
+Steering lab streams), in tokens/s per column.
 
 The SAE is random (sae-lens TopK, width 4096, layer 5): it only prices the hook, it is not a trained SAE.
-Runs are interleaved and repeated; the script prints the median of each and ratios measured in this run.
+Decoding goes through the library's own loop (``_decoding`` + ``_decode_loop``: lock, model choice, hook,
+KV cache), greedy, without detokenization. Runs are interleaved and repeated; the script prints the median
+of each, ratios measured in this run, the one-off cost of the bf16 copy, and how many leading greedy tokens
+the fast path shares with float32.
 
     nice -n 15 python benchmarks/bench_decode.py [--tokens 32] [--repeats 3]
 """
@@ -13,12 +17,13 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+FEATURE, STRENGTH = 7, 8.0
 
 
 def random_sae(d_in: int, width: int, layer: int):
@@ -27,48 +32,27 @@ def random_sae(d_in: int, width: int, layer: int):
     return make_tiny_sae(d_in=d_in, d_sae=width, layer=layer, k=64)
 
 
-def decode_rate(lm, prompt: str, tokens: int, *, sae=None, fast: bool) -> float:
-    from saesteer.steering import _decode_loop, encode_prompts, steer
+def decode(lm, prompt: str, tokens: int, *, sae=None, rows: int = 1, fast: bool) -> tuple[float, list[list[int]]]:
+    """(decode steps per second, tokens of every row). rows=2: row 0 strength 0 (baseline), row 1 steered."""
+    from saesteer.steering import _decode_loop, _decoding, encode_prompts
 
-    ids = encode_prompts(lm, [prompt])
-    with lm.lock:
-        with steer(lm, sae, [7], [8.0]) if sae is not None else nullcontext():
-            t0 = time.perf_counter()
-            n = sum(1 for _ in _decode_loop(lm, ids, max_new_tokens=tokens, temperature=0.0, seed=0, fast=fast))
-            return n / (time.perf_counter() - t0)
+    ids = encode_prompts(lm, [prompt]) * rows
+    features = [FEATURE] if sae is not None else []
+    strengths = torch.tensor([[0.0], [STRENGTH]] if rows == 2 else [[STRENGTH]])[:, : len(features)]  # (rows, n_features)
+    with _decoding(lm, sae, features, strengths, "paper", rows, fast) as model:
+        t0 = time.perf_counter()
+        steps = list(_decode_loop(lm, ids, max_new_tokens=tokens, temperature=0.0, seed=0, model=model))
+        rate = len(steps) / (time.perf_counter() - t0)
+    return rate, torch.stack(steps, dim=1).tolist()
 
 
-def head_times(lm, repeats: int = 30) -> dict[str, float]:
-    """Seconds per batch-1 unembedding (262144 × 640) in each weight format."""
-    w = lm.lm_head.weight.detach()
-    h = torch.randn(1, w.shape[1])
-    heads = {"fp32": lambda: h @ w.T}
-    wb = w.to(torch.bfloat16)
-    heads["bf16"] = lambda: (h.to(torch.bfloat16) @ wb.T).float()
-    try:
-        import warnings
-
-        warnings.filterwarnings("ignore", message=".*quantiz", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantiz", category=UserWarning)
-        from torch.ao.quantization import quantize_dynamic
-
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        lin.weight.data = w.clone()
-        q = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        heads["int8-dynamic"] = lambda: q(h)
-    except Exception as exc:  # the quantization API is optional in some torch builds
-        print(f"int8 dynamic quantization unavailable: {exc.__class__.__name__}: {exc}")
-    out = {}
-    with torch.no_grad():
-        for name, fn in heads.items():
-            fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times)
-    return out
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def main() -> None:
@@ -78,36 +62,51 @@ def main() -> None:
     args = parser.parse_args()
 
     from saesteer.models import load_model
+    from saesteer.steering import fast_model
 
     t0 = time.perf_counter()
     lm = load_model()
     print(f"model load: {time.perf_counter() - t0:.1f} s  ({lm.describe()['name']}, {lm.device}, torch threads {torch.get_num_threads()})")
+    t0 = time.perf_counter()
+    fast = fast_model(lm)
+    extra = sum(p.numel() * p.element_size() for p in fast.parameters())
+    print(f"bf16 copy of the whole model: built in {time.perf_counter() - t0:.1f} s, {extra / 1e9:.2f} GB extra (made once per model)")
     sae = random_sae(lm.d_model, 4096, 5)
     prompt = "From my experience,"
     configs = {
-        "unsteered fp32": dict(sae=None, fast=False),
-        "steered   fp32": dict(sae=sae, fast=False),
-        "unsteered fast": dict(sae=None, fast=True),
-        "steered   fast": dict(sae=sae, fast=True),
+        "single unsteered fp32": {"sae": None, "fast": False},
+        "single steered   fp32": {"sae": sae, "fast": False},
+        "single unsteered fast": {"sae": None, "fast": True},
+        "single steered   fast": {"sae": sae, "fast": True},
+        "pair (2 rows)    fp32": {"sae": sae, "rows": 2, "fast": False},
+        "pair (2 rows)    fast": {"sae": sae, "rows": 2, "fast": True},
     }
     with torch.no_grad():
-        decode_rate(lm, prompt, 4, fast=True)  # warm-up: first-call allocations, bf16 head copy
-        decode_rate(lm, prompt, 4, fast=False)
+        for kw in configs.values():  # warm-up: first-call allocations of each shape and model
+            decode(lm, prompt, 4, **kw)
     rates: dict[str, list[float]] = {k: [] for k in configs}
+    tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.repeats):
         for name, kw in configs.items():
-            rates[name].append(decode_rate(lm, prompt, args.tokens, **kw))
+            rate, toks = decode(lm, prompt, args.tokens, **kw)
+            rates[name].append(rate)
+            tokens[name] = toks
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"\ngreedy single-stream decode, {args.tokens} new tokens, median of {args.repeats} (tokens/s):")
+    print(f"\ngreedy decode, {args.tokens} new tokens, median of {args.repeats} (tokens/s; for a pair, per column):")
     for name, r in med.items():
         print(f"  {name}: {r:6.2f}   runs {', '.join(f'{x:.2f}' for x in rates[name])}")
-    print(f"  steered/unsteered fp32: {med['steered   fp32'] / med['unsteered fp32']:.2f}")
-    print(f"  fast/fp32 unsteered:    {med['unsteered fast'] / med['unsteered fp32']:.2f}")
-    print(f"  fast/fp32 steered:      {med['steered   fast'] / med['steered   fp32']:.2f}")
-    print("\nbatch-1 unembedding alone (ms):")
-    times = head_times(lm)
-    for name, t in times.items():
-        print(f"  {name:13s} {t * 1e3:6.1f}   ({times['fp32'] / t:.2f}x fp32)")
+    print(f"  fast/fp32 single unsteered: {med['single unsteered fast'] / med['single unsteered fp32']:.2f}")
+    print(f"  fast/fp32 single steered:   {med['single steered   fast'] / med['single steered   fp32']:.2f}")
+    print(f"  steered/unsteered fast:     {med['single steered   fast'] / med['single unsteered fast']:.2f}")
+    print(f"  pair/single steered fast:   {med['pair (2 rows)    fast'] / med['single steered   fast']:.2f}  (per column; both columns at once)")
+    print(f"  pair/single steered fp32:   {med['pair (2 rows)    fp32'] / med['single steered   fp32']:.2f}")
+    print("\ngreedy agreement (leading tokens equal, of the tokens decoded):")
+    print(f"  fast vs fp32, unsteered: {shared_prefix(tokens['single unsteered fast'][0], tokens['single unsteered fp32'][0])}")
+    print(f"  fast vs fp32, steered:   {shared_prefix(tokens['single steered   fast'][0], tokens['single steered   fp32'][0])}")
+    pair32, pairf = tokens["pair (2 rows)    fp32"], tokens["pair (2 rows)    fast"]
+    print(f"  pair fp32 rows == single fp32 runs: {pair32[0] == tokens['single unsteered fp32'][0] and pair32[1] == tokens['single steered   fp32'][0]}")
+    print(f"  pair fast rows == single fast runs: {pairf[0] == tokens['single unsteered fast'][0] and pairf[1] == tokens['single steered   fast'][0]}"
+          " (not guaranteed: bf16 kernels may round batch 1 and batch 2 differently)")
 
 
 if __name__ == "__main__":

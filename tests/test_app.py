@@ -356,7 +356,8 @@ def test_steer_button_preselects_the_feature_in_the_lab(fixture_env):
 
 
 def test_lab_streams_the_same_text_as_generate(fixture_env):
-    from saesteer.steering import generate
+    from saesteer.config import SteerParams
+    from saesteer.steering import generate, generate_pair
     from saesteer.ui import loaders
 
     at = app(layer="2", feature="11", strength="8").run()
@@ -368,13 +369,15 @@ def test_lab_streams_the_same_text_as_generate(fixture_env):
     parts = loaders._tiny_parts()
     lm, sae = parts["lm"], parts["saes"][2]
     fast = at.checkbox(key="lab_fast").value
+    # Both columns come from one 2-row decode: what generate_pair returns for the same settings.
+    params = SteerParams(features=(11,), strengths=(8.0,), mode="paper", max_new_tokens=32)
+    assert (last["baseline"], last["steered"]) == generate_pair(lm, sae, "the king of france", params, fast=fast)
     common = dict(max_new_tokens=32, temperature=0.0, seed=0, fast=fast)
     assert last["baseline"] == generate(lm, "the king of france", **common)[0]
     assert last["steered"] == generate(lm, "the king of france", sae=sae, features=[11], strengths=[8.0], mode="paper", **common)[0]
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "the king of france" in html_out
-    # the baseline is reused for the next click with the same prompt and settings
-    assert len(at.session_state["lab_baselines"]) == 1
+    assert ("bf16 copy of the whole model" in texts(at)) == fast
 
 
 def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
@@ -575,5 +578,6 @@ def test_lab_on_the_embedded_model(real_mode, tmp_path, monkeypatch):
     last = at.session_state["lab_last"]
     lm = loaders.load_model(ModelSpec())
     fast = at.checkbox(key="lab_fast").value
-    assert last["baseline"] == generate(lm, "The capital of France is", max_new_tokens=6, fast=fast)[0]
+    # the baseline is row 0 of a 2-row decode (row 1 steered); with fast decode, compare with the same batch shape
+    assert last["baseline"] == generate(lm, ["The capital of France is"] * 2, max_new_tokens=6, fast=fast)[0]
     assert last["steered"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import threading
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,10 +17,13 @@ from saesteer.saes import SaeLoadError
 from saesteer.steering import (
     _forward_last,
     capture_residuals,
+    decoding_model,
+    fast_model,
     generate,
     generate_pair,
     steer,
     stream,
+    stream_pair,
 )
 
 PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
@@ -286,16 +292,156 @@ def test_generate_rejects_bad_input(tiny_lm, tiny_sae):
     assert_no_hooks(tiny_lm)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Side-by-side streaming: one 2-row batch (row 0 baseline, row 1 steered)
+
+
+def pair_texts(it) -> tuple[str, str]:
+    steps = list(it)
+    assert all(isinstance(b, str) and isinstance(t, str) for b, t in steps)
+    return "".join(b for b, _ in steps), "".join(t for _, t in steps)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("mode", ["paper", "additive"])
+def test_stream_pair_equals_each_row_alone(tiny_lm, tiny_sae, temperature, mode):
+    """Exact path: the paired stream is the baseline run and the steered run, each decoded on its own."""
+    strengths = (8.0, -2.0) if mode == "paper" else (20.0, -5.0)
+    for prompt, seed in [(PROMPTS[0], 0), (PROMPTS[2], 5)]:
+        params = SteerParams(features=(5, 17), strengths=strengths, mode=mode, max_new_tokens=16, temperature=temperature, seed=seed)
+        base, steered = pair_texts(stream_pair(tiny_lm, prompt, sae=tiny_sae, params=params))
+        kw = {"max_new_tokens": 16, "temperature": temperature, "seed": seed}
+        assert base == generate(tiny_lm, prompt, **kw)[0]
+        assert steered == generate(tiny_lm, prompt, sae=tiny_sae, features=[5, 17], strengths=list(strengths), mode=mode, **kw)[0]
+        assert base != steered
+        assert (base, steered) == generate_pair(tiny_lm, tiny_sae, prompt, params)
+    assert_no_hooks(tiny_lm)
+
+
+def test_stream_pair_updates_both_columns_step_by_step(tiny_lm, tiny_sae):
+    params = SteerParams(features=(5,), strengths=(8.0,), max_new_tokens=12)
+    steps = list(stream_pair(tiny_lm, PROMPTS[1], sae=tiny_sae, params=params))
+    assert len(steps) > 1
+    assert sum(1 for b, t in steps if b and t) > 1  # most steps carry new text for both columns
+
+
+def test_stream_pair_rows_end_independently(tiny_lm, tiny_sae):
+    """A row that reaches end-of-sequence stops growing while the other row goes on (as when run alone)."""
+    ended_early = 0
+    for seed in range(12):
+        params = SteerParams(features=(5,), strengths=(8.0,), max_new_tokens=40, temperature=1.5, seed=seed)
+        kw = {"max_new_tokens": 40, "temperature": 1.5, "seed": seed}
+        alone = (generate(tiny_lm, PROMPTS[3], **kw)[0], generate(tiny_lm, PROMPTS[3], sae=tiny_sae, features=[5], strengths=[8.0], **kw)[0])
+        assert pair_texts(stream_pair(tiny_lm, PROMPTS[3], sae=tiny_sae, params=params)) == alone
+        ended_early += sum(len(tiny_lm.tokenizer(t, add_special_tokens=False)["input_ids"]) < 40 for t in alone)
+    assert ended_early, "no row ended early: the test did not exercise end-of-sequence"
+
+
+def test_per_row_seeds_sample_each_row_as_alone(tiny_lm):
+    kw = {"max_new_tokens": 12, "temperature": 1.0}
+    rows = generate(tiny_lm, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], seed=[3, 4, 3], **kw)
+    assert rows == [generate(tiny_lm, PROMPTS[0], seed=3, **kw)[0], generate(tiny_lm, PROMPTS[1], seed=4, **kw)[0], rows[0]]
+    with pytest.raises(ConfigError, match="seeds given"):
+        generate(tiny_lm, PROMPTS[:2], seed=[1, 2, 3], **kw)
+    with pytest.raises(ConfigError, match="integers"):
+        generate(tiny_lm, PROMPTS[:2], seed=[1, 2.5], **kw)
+
+
+def test_stream_pair_closed_early_releases_lock_and_hooks(tiny_lm, tiny_sae):
+    params = SteerParams(features=(5,), strengths=(4.0,), max_new_tokens=200)
+    it = stream_pair(tiny_lm, PROMPTS[0], sae=tiny_sae, params=params)
+    next(it)
+    it.close()
+    assert_no_hooks(tiny_lm)
+    assert tiny_lm.lock.acquire(timeout=10)
+    tiny_lm.lock.release()
+
+
+def test_stream_pair_validates_at_call_time(tiny_lm, tiny_sae):
+    with pytest.raises(ConfigError, match="empty"):
+        stream_pair(tiny_lm, " ", sae=tiny_sae, params=SteerParams())
+    with pytest.raises(SaeLoadError, match="out of range"):
+        stream_pair(tiny_lm, "the sea", sae=tiny_sae, params=SteerParams(features=(128,), strengths=(1.0,)))
+    with pytest.raises(ConfigError, match="without an SAE"):
+        stream_pair(tiny_lm, "the sea", params=SteerParams(features=(1,), strengths=(1.0,)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast decode: a bf16 copy of the whole model for batches of 1 and 2
+
+
+@pytest.fixture
+def fresh_lm():
+    """A model of its own, so that the fast copy cached for it is not the session model's."""
+    return make_tiny_model()
+
+
+def test_fast_copy_is_built_once_and_leaves_the_model_alone():
+    lm = make_tiny_model()
+    copies: list = []
+    threads = [threading.Thread(target=lambda: copies.append(fast_model(lm))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fast = fast_model(lm)
+    assert all(c is fast for c in copies) and fast is not lm.model
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied (one copy, not two)
+    assert all(not p.requires_grad for p in fast.parameters())
+    generate(lm, PROMPTS[0], max_new_tokens=3, fast=True)
+    assert fast_model(lm) is fast
+    assert decoding_model(lm, 1, True) is fast and decoding_model(lm, 2, True) is fast
+    assert decoding_model(lm, 3, True) is lm.model and decoding_model(lm, 1, False) is lm.model
+    # The cache holds the copy only while the model lives (the copy does not refer back to it).
+    gone = weakref.ref(fast)
+    del lm, fast, copies
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_bf16_model_is_its_own_fast_copy():
+    lm = make_tiny_model()
+    lm.model.to(torch.bfloat16)
+    assert fast_model(lm) is lm.model
+    assert generate(lm, PROMPTS[0], max_new_tokens=4, fast=True) == generate(lm, PROMPTS[0], max_new_tokens=4)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_fast_decode_head_is_close_to_float32(softcap):
-    """The bf16 unembedding of the batch-1 fast path against the float32 head (bf16 keeps ~3 significant digits)."""
+def test_fast_copy_logits_are_float32_and_close(softcap):
+    """bf16 keeps ~3 significant digits: the fast copy's logits stay near the float32 model's."""
     lm = make_tiny_model(softcap=softcap)
-    ids, mask = batch(lm, PROMPTS[:1])
+    ids, mask = batch(lm, PROMPTS[:2])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        exact, _ = _forward_last(lm, ids, mask, pos, None, fast=False)
-        fast, _ = _forward_last(lm, ids, mask, pos, None, fast=True)
-    assert torch.allclose(fast, exact, atol=2e-2 * exact.abs().max().item(), rtol=0)
+        exact, _ = _forward_last(lm.model, ids, mask, pos, None)
+        fast, _ = _forward_last(fast_model(lm), ids, mask, pos, None)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
     assert not torch.equal(fast, exact)  # the fast path is really taken
-    plain = generate(lm, PROMPTS[:1], max_new_tokens=8, fast=True)
-    assert len(plain) == 1
+
+
+def test_fast_path_steers_the_copy_and_leaves_no_hooks(fresh_lm, tiny_sae):
+    lm = fresh_lm
+    fast = fast_model(lm)
+    params = SteerParams(features=(5,), strengths=(20.0,), max_new_tokens=12)
+    with lm.lock:  # inline decoding: the hook can be seen while the stream is open
+        it = stream(lm, PROMPTS[0], sae=tiny_sae, params=params, fast=True)
+        next(it)
+        assert len(fast.model.layers[tiny_sae.layer]._forward_hooks) == 1
+        assert_no_hooks(lm)  # the float32 model is not steered
+        it.close()
+    assert_no_hooks(lm)
+    assert_no_hooks(SimpleNamespace(model=fast))
+    base = generate(lm, PROMPTS[0], max_new_tokens=12, fast=True)[0]
+    steered = generate(lm, PROMPTS[0], sae=tiny_sae, features=[5], strengths=[20.0], max_new_tokens=12, fast=True)[0]
+    assert base != steered
+    assert "".join(stream(lm, PROMPTS[0], sae=tiny_sae, params=params, fast=True)) == steered
+    assert pair_texts(stream_pair(lm, PROMPTS[0], sae=tiny_sae, params=params, fast=True)) == generate_pair(lm, tiny_sae, PROMPTS[0], params, fast=True)
+    zero = generate(lm, PROMPTS[0], sae=tiny_sae, features=[5], strengths=[0.0], max_new_tokens=12, fast=True)[0]
+    assert zero == base  # strength 0 on the bf16 copy is still the fast baseline
+    with pytest.raises(KeyError), steer(lm, tiny_sae, [5], [1.0], model=fast):
+        raise KeyError("boom")
+    assert_no_hooks(lm)
+    assert_no_hooks(SimpleNamespace(model=fast))

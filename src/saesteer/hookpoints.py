@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from .models import LoadedModel
+from .models import LoadedModel, decoder_layers
 
 _TL = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 _HF = re.compile(r"^(?:model\.)?(?:model\.layers|layers|transformer\.h|gpt_neox\.layers)\.(\d+)$")
@@ -41,9 +41,13 @@ def hf_module_name(layer: int) -> str:
     return f"model.layers.{layer}"
 
 
-def resolve_module(lm: LoadedModel, hook_name: str) -> nn.Module:
-    """The HF module whose output is the residual stream that ``hook_name`` reads."""
+def resolve_module(lm: LoadedModel, hook_name: str, model: nn.Module | None = None) -> nn.Module:
+    """The HF module whose output is the residual stream that ``hook_name`` reads.
+
+    ``model``: the module tree to look in, ``lm.model`` by default; another copy of the same architecture
+    (the bf16 fast-decode copy of ``steering.fast_model``) gets its own layer back.
+    """
     layer = hook_layer(hook_name)
     if not 0 <= layer < lm.n_layers:
         raise HookPointError(f"hook {hook_name!r} names layer {layer}, but the model has layers 0..{lm.n_layers - 1}")
-    return lm.layers[layer]
+    return lm.layers[layer] if model is None else decoder_layers(model)[layer]

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", default="32", help=f"tokens to generate, 1..{MAX_NEW_TOKENS_LIMIT}")
     p.add_argument("--seed", default="0", help="sampling seed")
     p.add_argument("--temperature", default="0", help="0 = greedy (default); > 0 samples")
-    p.add_argument("--fast-decode", action="store_true", help="bf16 unembedding for single-stream CPU decoding (both runs)")
+    p.add_argument("--fast-decode", action="store_true", help="decode both runs with a reduced-precision bf16 copy of the whole model (about 2x faster on CPU, about 0.54 GB more memory for Gemma 3 270M)")
     p.add_argument("--json", action="store_true", help='print {"baseline": ..., "steered": ...}')
 
 
