@@ -465,6 +465,27 @@ def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, m
     pd.testing.assert_frame_equal(load_results(shipped).generations, res.generations)
 
 
+def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
+    from saesteer import evaluate
+
+    res, _, out, _ = tiny_run
+    packed = evaluate.pack_results(out, tmp_path / "packed" / "m" / "tiny")
+    assert not (packed / "units").exists() and (packed / evaluate.PACKED_UNITS).is_file()
+    again = load_results(packed)
+    pd.testing.assert_frame_equal(again.generations, res.generations)
+    pd.testing.assert_frame_equal(again.summary(), res.summary())
+    pd.testing.assert_frame_equal(again.methods(), res.methods())
+    plain = [c for c in res.units.columns if c not in ("concept_token_ids", "lora_losses")]
+    pd.testing.assert_frame_equal(again.units[plain], res.units[plain], check_dtype=False)
+    assert list(again.units["concept_token_ids"].map(list)) == list(res.units["concept_token_ids"].map(list))
+    assert evaluate.run_progress(again, packed).finished
+    assert list_runs([tmp_path / "packed"]) == [packed]
+    with pytest.raises(ConfigError, match="no finished units"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "meta.json").write_text("{}")
+        evaluate.pack_results(tmp_path / "empty", tmp_path / "x")
+
+
 def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm, tiny_sae, monkeypatch):
     _, scores, out, _ = tiny_run
     assert_no_hooks(tiny_lm)
