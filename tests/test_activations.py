@@ -9,7 +9,10 @@ from conftest import make_tiny_sae
 
 from saesteer.activations import (
     HIST_EDGES,
+    _Accumulator,
+    _batches,
     activation_pass,
+    encode_topk,
     from_residuals,
     iter_residual_shards,
 )
@@ -94,6 +97,33 @@ def test_streaming_pass_equals_brute_force(tiny_lm, arch):
                 assert stats.win_acts[f, slot, j] == pytest.approx(expected, rel=1e-4, abs=1e-5)
             checked_windows += 1
     assert checked_windows > sae.width  # the buffers filled and were merged across batches
+
+
+@pytest.mark.parametrize("d_sae,k", [(128, 8), (16, 8)])  # window lookup among the k entries; dense fallback
+def test_topk_sparse_update_equals_the_dense_update(tiny_lm, d_sae, k):
+    """The TopK fast path (the k kept entries per token, never a dense matrix) leaves every statistic exactly
+    as the dense path over ``sae.encode`` does. With d_sae=16 the first batches have so many entering
+    candidates that the window lookup takes its dense fallback."""
+    sae = make_tiny_sae(d_sae=d_sae, k=k, seed=9)
+    seqs = _corpus(tiny_lm, n=23)
+    tok = tiny_lm.tokenizer
+    dense_acc = _Accumulator(d_sae, TOP_N, WINDOW, AFTER, torch.device("cpu"))
+    sparse_acc = _Accumulator(d_sae, TOP_N, WINDOW, AFTER, torch.device("cpu"))
+    for ids, mask, labels, first in _batches(seqs, 4, None, tok.bos_token_id, tok.pad_token_id or 0):
+        with torch.no_grad(), capture_residuals(tiny_lm, [sae.layer]) as resid:
+            tiny_lm.model(input_ids=ids, attention_mask=mask)
+        with torch.no_grad():
+            values, indices = encode_topk(sae, resid[sae.layer])
+            dense = sae.sae.encode(resid[sae.layer])
+        assert torch.equal(torch.zeros_like(dense).scatter_(-1, indices, values), dense)
+        seq_ids = torch.arange(first, first + len(ids))
+        dense_acc.update(dense, labels, seq_ids)
+        sparse_acc.update_topk(values, indices, labels, seq_ids)
+    for name in ("n_tokens", "n_sequences"):
+        assert getattr(dense_acc, name) == getattr(sparse_acc, name)
+    for name in ("fire", "max", "hist", "acts", "seq", "pos", "tok", "start", "win_tok", "win_act"):
+        assert torch.equal(getattr(dense_acc, name), getattr(sparse_acc, name)), name
+    assert encode_topk(make_tiny_sae(arch="standard"), resid[sae.layer]) is None  # other architectures: dense
 
 
 def test_pass_stops_after_n_tokens(tiny_lm, tiny_sae):

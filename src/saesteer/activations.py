@@ -100,12 +100,44 @@ class _Accumulator:
         acts = acts.float()
         acts[~valid] = 0.0  # BOS and padding rows only: cheaper than a pass over everything
         B, P, d = acts.shape
-        self.n_tokens += int(valid.sum())
-        self.n_sequences += B
         # SAE activations are sparse: after one pass to find the nonzeros, work on those alone
         flat = acts.view(-1, d)
-        tok_idx, feat_idx = flat.nonzero(as_tuple=True)  # row-major: positions ascending within a sequence
+        tok_idx, feat_idx = flat.nonzero(as_tuple=True)
         vals = flat[tok_idx, feat_idx]
+        self._merge(tok_idx, feat_idx, vals, tokens, seq_ids, lambda b, idx, f: acts[b[:, None], idx, f[:, None]])
+
+    @torch.no_grad()
+    def update_topk(self, values: torch.Tensor, indices: torch.Tensor, tokens: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        """The same as :meth:`update` for a TopK SAE's activations given as the k kept (values, feature indices)
+        of each token, both (B, P, k) — the dense (B, P, d_sae) matrix is never built."""
+        valid = tokens >= 0
+        B, P, k = values.shape
+        v = values.reshape(B * P, k).float()
+        i = indices.reshape(B * P, k)
+        keep = (v > 0) & valid.reshape(-1, 1)
+        tok_idx = torch.arange(B * P, device=v.device)[:, None].expand(B * P, k)[keep]
+        feat_idx, vals = i[keep], v[keep]
+        flat_valid = valid.reshape(-1)
+
+        def window(b: torch.Tensor, idx: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+            rows = b[:, None] * P + idx  # (m, W) token rows
+            if rows.numel() * k <= B * P * self.d:  # look each (token, feature) up among the token's k entries
+                hit = i[rows] == f[:, None, None]  # (m, W, k)
+                return (v[rows] * hit).sum(-1) * flat_valid[rows]
+            # many entering candidates (the first batches): the dense matrix is the cheaper lookup
+            dense = torch.zeros(B * P, self.d, device=v.device).scatter_(1, i, v * flat_valid[:, None])
+            return dense[rows, f[:, None]]
+
+        self._merge(tok_idx, feat_idx, vals, tokens, seq_ids, window)
+
+    def _merge(self, tok_idx, feat_idx, vals, tokens, seq_ids, window) -> None:
+        """Fold one batch's nonzero activations (flat token row, feature, value) into the running statistics;
+        ``window(b, idx, f)`` returns feature f's activations at positions idx (m, W) of batch rows b."""
+        valid = tokens >= 0
+        B, P = tokens.shape
+        d = self.d
+        self.n_tokens += int(valid.sum())
+        self.n_sequences += B
         pos_mask = vals > 0
         tok_idx, feat_idx, vals = tok_idx[pos_mask], feat_idx[pos_mask], vals[pos_mask]
         self.fire += torch.bincount(feat_idx, minlength=d)
@@ -115,9 +147,9 @@ class _Accumulator:
         # per (sequence, feature): the max activation and the first position that reaches it
         key = (tok_idx // P) * d + feat_idx
         position = tok_idx % P
-        seq_max = torch.zeros(B * d, device=acts.device).scatter_reduce_(0, key, vals, "amax")
+        seq_max = torch.zeros(B * d, device=vals.device).scatter_reduce_(0, key, vals, "amax")
         at_max = vals == seq_max[key]
-        seq_arg = torch.full((B * d,), P, dtype=torch.long, device=acts.device)
+        seq_arg = torch.full((B * d,), P, dtype=torch.long, device=vals.device)
         seq_arg.scatter_reduce_(0, key[at_max], position[at_max], "amin")
         seq_max, seq_arg = seq_max.view(B, d), seq_arg.masked_fill_(seq_arg == P, 0).view(B, d)
         torch.maximum(self.max, seq_max.max(dim=0).values, out=self.max)
@@ -129,7 +161,7 @@ class _Accumulator:
             return
         cand = cand[rows]  # (r, B)
         _, order = torch.cat([self.acts[rows], cand], dim=1).topk(self.n, dim=1)  # (r, N)
-        kept = torch.zeros(rows.numel(), self.n + B, dtype=torch.bool, device=acts.device).scatter_(1, order, True)
+        kept = torch.zeros(rows.numel(), self.n + B, dtype=torch.bool, device=vals.device).scatter_(1, order, True)
         # per row, #evicted old slots == #entering candidates; nonzero() is row-major, so the two lists pair up
         r_out, slot = (~kept[:, : self.n]).nonzero(as_tuple=True)
         r_in, b = kept[:, self.n :].nonzero(as_tuple=True)
@@ -140,7 +172,7 @@ class _Accumulator:
         # each sequence's own end (its last labelled position), so short padded rows shift their window left
         length = torch.where(valid.any(dim=1), P - valid.flip(1).int().argmax(dim=1), torch.ones_like(seq_ids))  # (B,)
         st = torch.minimum(p - (self.w - 1 - self.after), (length[b] - self.w).clamp(min=0)).clamp(min=0)
-        idx = st[:, None] + torch.arange(self.w, device=acts.device)  # (m, W)
+        idx = st[:, None] + torch.arange(self.w, device=vals.device)  # (m, W)
         inside = idx < P
         idx = idx.clamp(max=P - 1)
         f_out = rows[r_out]
@@ -149,7 +181,7 @@ class _Accumulator:
         self.pos[f_out, slot] = p
         self.tok[f_out, slot] = tokens[b, p]
         self.start[f_out, slot] = st
-        self.win_act[f_out, slot] = acts[b[:, None], idx, f[:, None]].masked_fill(~inside, 0.0)
+        self.win_act[f_out, slot] = window(b, idx, f).masked_fill(~inside, 0.0)
         self.win_tok[f_out, slot] = tokens[b[:, None], idx].masked_fill(~inside, -1)
 
     def result(self, sae_id: str, layer: int) -> ActivationStats:
@@ -194,6 +226,35 @@ def _check_saes(saes: Sequence[LoadedSae]) -> None:
 
 def _encode(sae: LoadedSae, resid: torch.Tensor) -> torch.Tensor:
     return sae.sae.encode(resid.to(sae.sae.W_dec.device, sae.sae.W_dec.dtype))
+
+
+def encode_topk(sae: LoadedSae, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a sae-lens TopK SAE, the (values, feature indices) its ``encode`` keeps per token, each (..., k),
+    computed exactly as ``encode`` does before it scatters them into a dense (..., d_sae) matrix; None for
+    other architectures (or when a hook is attached to the SAE's activations)."""
+    s = sae.sae
+    try:
+        from sae_lens.saes.topk_sae import TopK
+    except ImportError:  # pragma: no cover - other sae-lens layouts: take the dense path
+        return None
+    fn = getattr(s, "activation_fn", None)
+    post = getattr(s, "hook_sae_acts_post", None)
+    if not isinstance(fn, TopK) or (post is not None and (post._forward_hooks or post._forward_pre_hooks)):
+        return None
+    x = resid.to(s.W_dec.device, s.W_dec.dtype)
+    hidden_pre = s.hook_sae_acts_pre(s.process_sae_in(x) @ s.W_enc + s.b_enc)
+    if getattr(s.cfg, "rescale_acts_by_decoder_norm", False):
+        hidden_pre = hidden_pre * s.W_dec.norm(dim=-1)
+    values, indices = torch.topk(hidden_pre, k=fn.k, dim=-1, sorted=False)
+    return values.relu(), indices
+
+
+def _accumulate(sae: LoadedSae, acc: _Accumulator, resid: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    sparse = encode_topk(sae, resid)
+    if sparse is None:
+        acc.update(_encode(sae, resid), labels, seq_ids)
+    else:
+        acc.update_topk(*sparse, labels, seq_ids)
 
 
 def limit_tokens(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos: int | None) -> Iterator[list[int]]:
@@ -273,7 +334,7 @@ def activation_pass(
             run_until_stop(lambda ids=ids, mask=mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False))
         seq_ids = torch.arange(first, first + len(ids), device=lm.device)
         for sae, acc in zip(saes, accs):
-            acc.update(_encode(sae, resid[sae.layer]), labels, seq_ids)
+            _accumulate(sae, acc, resid[sae.layer], labels, seq_ids)
         if progress:
             progress(accs[0].n_tokens, n_tokens)
     return [acc.result(s.id, s.layer) for s, acc in zip(saes, accs)]
@@ -328,7 +389,7 @@ def from_residuals(
         for sae, acc in zip(saes, accs):
             if sae.layer not in resid:
                 raise ValueError(f"the residual batch has no layer {sae.layer} (SAE '{sae.id}'); it has {sorted(resid)}")
-            acc.update(_encode(sae, _as_positions(resid[sae.layer], B, P).to(device)), labels, seq_ids)
+            _accumulate(sae, acc, _as_positions(resid[sae.layer], B, P).to(device), labels, seq_ids)
         first += B
         if progress:
             progress(accs[0].n_tokens, n_tokens)
