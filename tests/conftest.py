@@ -111,3 +111,27 @@ def embedded_lm():
     from saesteer.models import load_model
 
     return load_model()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app under AppTest (tests/test_app.py, tests/test_robustness*.py)
+
+
+@pytest.fixture
+def fixture_env(monkeypatch):
+    """The app on the tiny test fixture (SAESTEER_TEST_FIXTURE=tiny), offline."""
+    monkeypatch.setenv("SAESTEER_TEST_FIXTURE", "tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture
+def real_mode(monkeypatch, tmp_path):
+    """The app's real loaders, with the hub forced offline so nothing is downloaded; the test's tmp_path is an
+    allowed root for paths typed into the sidebar."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("SAESTEER_TEST_FIXTURE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("SAESTEER_ALLOWED_ROOTS", str(tmp_path))
+    yield

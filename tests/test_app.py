@@ -226,13 +226,6 @@ def test_exports(tiny_sae):
 # AppTest on the tiny fixture
 
 
-@pytest.fixture
-def fixture_env(monkeypatch):
-    monkeypatch.setenv("SAESTEER_TEST_FIXTURE", "tiny")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-
-
 def app(**query):
     """An AppTest of app.py with ``query`` as the URL's query parameters."""
     from streamlit.testing.v1 import AppTest
@@ -452,16 +445,6 @@ def test_out_of_range_feature_is_reported(fixture_env):
     at.switch_page("pages/3_Feature_card.py").run()
     no_exception(at)
     assert any("does not exist" in e.value for e in at.error)
-
-
-@pytest.fixture
-def real_mode(monkeypatch):
-    """The app's real loaders, with the hub forced offline so nothing is downloaded."""
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.delenv("SAESTEER_TEST_FIXTURE", raising=False)
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    yield
 
 
 def test_unreachable_hub_model_is_an_error_not_a_crash(real_mode):

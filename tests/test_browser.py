@@ -1,8 +1,8 @@
 """End to end in real headless Chromium: ``streamlit run app.py`` on the tiny test fixture.
 
-Loads every page, checks that no exception or error box appears, that HTML-like tokens are shown as text
-(no dialog fires), that the sidebar keeps its state across in-app navigation, and that a steering run
-streams text. Screenshots go to ``test-artifacts/``.
+Loads every page, checks that no exception or error box appears, that an HTML prompt and HTML-like tokens
+are shown as text (no script runs, no dialog fires), that the sidebar keeps its state across in-app
+navigation, and that a steering run streams text. Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -116,20 +117,54 @@ def test_every_page_in_chromium(server, browser):
         assert page.locator("h1", has_text=title).count() >= 1, f"{url_path}: title {title!r} missing"
         _assert_clean(page, url_path)
         page.screenshot(path=str(ARTIFACTS / f"page-{url_path or 'start'}.png"), full_page=True)
+    assert dialogs == [], f"a dialog fired: {dialogs}"
+    assert not any("alert" in e for e in console_errors)
+    page.close()
 
-    # The feature card opens on the top feature by output score, where the fixture plants a context
-    # made of HTML-like tokens: they must show up as literal text.
+
+def _no_script_ran(page, dialogs: list[str], console_errors: list[str], name: str) -> None:
+    main = page.locator('[data-testid="stMain"]')
+    assert main.locator('img[src="x"]').count() == 0, f"{name}: an <img> was created from text"
+    assert page.locator("script:not([src])").filter(has_text="alert(1)").count() == 0, f"{name}: a <script> was created from text"
+    assert page.evaluate("() => window.__alerts") == [], f"{name}: alert() was called"
+    assert dialogs == [], f"{name}: a dialog fired: {dialogs}"
+    assert not any("alert" in e for e in console_errors), console_errors
+
+
+def test_html_like_prompt_and_contexts_show_literally_in_chromium(server, browser):
+    """Hardening, point 4 (tests/test_robustness.py): HTML typed as a prompt, and HTML-like tokens in a feature's
+    top contexts, are shown as literal text and run nothing."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.add_init_script("window.__alerts = []; window.alert = (m) => window.__alerts.push(String(m));")
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    console_errors: list[str] = []
+    page.on("pageerror", lambda e: console_errors.append(str(e)))
+
+    # The prompt comes in through the link (anyone can send one) and is rendered in both text boxes.
+    prompt = f"{XSS[0]} and {XSS[1]}"
+    page.goto(f"{server}/Steering_lab?prompt={urllib.parse.quote(prompt)}")
+    _settle(page)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("text=first steered token", timeout=RENDER_MS)
+    _settle(page)
+    _assert_clean(page, "steering lab with an HTML prompt")
+    shown = page.locator('[data-testid="stMain"] span', has_text=prompt)
+    assert shown.count() >= 2, "the prompt is not shown literally in the baseline and steered boxes"
+    assert shown.first.inner_text() == prompt
+    _no_script_ran(page, dialogs, console_errors, "steering lab")
+    page.screenshot(path=str(ARTIFACTS / "steering-lab-html-prompt.png"), full_page=True)
+
+    # The feature card opens on the top feature by output score, where the fixture plants a context made of
+    # HTML-like tokens.
     page.goto(f"{server}/Feature_card")
     _settle(page)
     page.get_by_role("tab", name="Top contexts").click()
     page.wait_for_timeout(500)
     for s in XSS:
         assert page.get_by_text(s, exact=True).first.is_visible(), f"{s!r} is not shown literally"
-    assert page.locator('[data-testid="stMain"] img[src="x"]').count() == 0
-    assert page.locator('[data-testid="stMain"] script:not([src])').filter(has_text="alert").count() == 0
+    _no_script_ran(page, dialogs, console_errors, "feature card")
     page.screenshot(path=str(ARTIFACTS / "feature-card-contexts.png"), full_page=True)
-    assert dialogs == [], f"a dialog fired: {dialogs}"
-    assert not any("alert" in e for e in console_errors)
     page.close()
 
 

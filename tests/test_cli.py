@@ -86,8 +86,8 @@ BASE = ["steer", "--layer", "2", "--prompt", "the sea"]
 @pytest.mark.parametrize(
     "extra,message,loads_model",
     [
-        (["--layer", "3", "--feature", "1", "--strength", "1"], "no bundled SAE for gemma-3-270m at layer 3; bundled layers: 2", True),
-        (["--feature", "128", "--strength", "1"], "feature 128 is out of range for SAE 'tiny-L2': use an integer from 0 to 127", True),
+        (["--layer", "3", "--feature", "1", "--strength", "1"], "no bundled SAE for gemma-3-270m at layer 3; bundled layers: 2", False),
+        (["--feature", "128", "--strength", "1"], "feature 128 is out of range for SAE 'tiny-L2': use an integer from 0 to 127", False),
         (["--feature=-1", "--strength", "1"], "feature id must be a non-negative integer, got -1", False),
         (["--feature", "abc", "--strength", "1"], "--feature must be an integer, got 'abc'", False),
         (["--feature", "2.5", "--strength", "1"], "--feature must be an integer, got '2.5'", False),

@@ -68,6 +68,7 @@ from .baselines import (
 from .config import MAX_ABS_STRENGTH, MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
 from .corpus import Doc
 from .judge import Judge
+from .memory import for_each_batch
 from .models import LoadedModel
 from .saes import LoadedSae
 
@@ -137,7 +138,7 @@ class EvalParams:
     0 either way; off, their ppl and fluency are NaN, saving one forward pass per such row)."""
     batch_size: int = 512
     """Rows per generate call: larger batches decode faster per token on a CPU (memory: 0.5 GiB of logits per
-    512 rows); results do not depend on it."""
+    512 rows); results do not depend on it. Out of memory, it is halved and the batch retried."""
 
     def __post_init__(self) -> None:
         for name in ("strengths", "diffmean_coeffs"):
@@ -319,7 +320,8 @@ def continuation_nll(lm: LoadedModel, prefixes: Sequence[str], continuations: Se
     tokenizer's BOS), and the number of continuation tokens; NaN where the continuation is empty.
 
     One right-padded forward per batch; the unembedding runs only at the positions that predict
-    continuation tokens (the decoder's last hidden state is already final-normed).
+    continuation tokens (the decoder's last hidden state is already final-normed). Out of memory, the batch
+    is halved and retried.
     """
     tok = lm.tokenizer
     rows = [(list(tok(p).input_ids), list(tok(c, add_special_tokens=False).input_ids) if c else []) for p, c in zip(prefixes, continuations)]
@@ -328,8 +330,9 @@ def continuation_nll(lm: LoadedModel, prefixes: Sequence[str], continuations: Se
     todo = sorted((i for i in range(len(rows)) if count[i] > 0), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     decoder = lm.model.get_decoder()
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start : start + batch_size]
+
+    def step(start: int, stop: int) -> None:
+        idx = todo[start:stop]
         seqs = [rows[i][0] + rows[i][1] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
@@ -356,6 +359,8 @@ def continuation_nll(lm: LoadedModel, prefixes: Sequence[str], continuations: Se
         per_row = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(b_idx), logp)
         for r, i in enumerate(idx):
             nll[i] = -float(per_row[r]) / count[i]
+
+    for_each_batch(len(todo), batch_size, step, "texts")
     return nll, count
 
 
@@ -427,6 +432,7 @@ class Evaluation:
         self.log = log or (lambda _msg: None)
         self.train, self.test = split_prefixes(len(self.prefixes), params.seed)
         self._nll_cache: dict[tuple[int, str], tuple[float, int]] = {}
+        self._batch_size = params.batch_size  # rows per generate call; halved for the rest of the run out of memory
         self._neutral = None
         self._base: pd.DataFrame | None = None
         self._texts: dict[str, dict] | None = None
@@ -506,18 +512,21 @@ class Evaluation:
                 sae_rows[i, list(feats).index(k[1])] = k[2]
             elif k[0] == "diffmean":
                 vec_rows[i] = k[1]
-        texts: list[str] = []
+        texts: list[str] = [""] * len(unique)
         t0 = time.perf_counter()
-        bs = self.params.batch_size
         common = {"max_new_tokens": self.params.max_new_tokens, "temperature": 0.0, "seed": self.params.seed}
-        for s in range(0, len(unique), bs):
-            prompts = [k[-1] for k in unique[s : s + bs]]
-            steer = {"sae": self.sae, "features": list(feats), "strengths": sae_rows[s : s + bs], "mode": "paper"} if len(feats) else {}
-            if vector is not None and bool(vec_rows[s : s + bs].any()):
-                with add_vector(self.lm, self.sae.layer, vector, vec_rows[s : s + bs]):
-                    texts += generate(self.lm, prompts, **steer, **common)
+
+        def step(s: int, e: int) -> None:
+            prompts = [k[-1] for k in unique[s:e]]
+            steer = {"sae": self.sae, "features": list(feats), "strengths": sae_rows[s:e], "mode": "paper"} if len(feats) else {}
+            if vector is not None and bool(vec_rows[s:e].any()):
+                with add_vector(self.lm, self.sae.layer, vector, vec_rows[s:e]):
+                    texts[s:e] = generate(self.lm, prompts, **steer, **common)
             else:
-                texts += generate(self.lm, prompts, **steer, **common)
+                texts[s:e] = generate(self.lm, prompts, **steer, **common)
+
+        # Out of memory, the batch is halved for the rest of the run (greedy rows do not depend on their batch).
+        self._batch_size = for_each_batch(len(unique), self._batch_size, step, "prompts")
         by_key = dict(zip(unique, texts))
         return [by_key[key(r)] for r in rows], time.perf_counter() - t0, len(unique) * self.params.max_new_tokens
 

@@ -91,6 +91,15 @@ class LoadedModel:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model was built for (``max_position_embeddings``/``n_positions``), if its config says."""
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
@@ -168,25 +177,44 @@ def _hub_error(name: str, exc: Exception) -> ModelLoadError:
     )
 
 
+def forbid_pickle_loads() -> None:
+    """Make every ``torch.load`` in this process weights-only, also in libraries that call it without saying
+    (some sae-lens release loaders do): torch then refuses pickled code, whatever the caller passed.
+    Called before any model or SAE is loaded; a process-wide setting that only ever makes loading stricter."""
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
 def load_model(spec: ModelSpec | None = None) -> LoadedModel:
-    """Load model + tokenizer for ``spec`` (default: the embedded Gemma 3 270M), in eval mode, no grad."""
+    """Load model + tokenizer for ``spec`` (default: the embedded Gemma 3 270M), in eval mode, no grad.
+
+    Weights come only from safetensors (the embedded model: GGUF, cached as safetensors); model code from a
+    hub repo runs only with ``spec.trust_remote_code``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = spec or ModelSpec()
     device = resolve_device(spec.device)
     dtype = _DTYPES[spec.dtype]
-    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    forbid_pickle_loads()
+    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True}
     if spec.name == EMBEDDED_MODEL:
         source, kwargs["local_files_only"] = _prepare_embedded(), True
     elif Path(spec.name).expanduser().exists():
         source = Path(spec.name).expanduser()
         if not (source / "config.json").exists():
             raise ModelLoadError(f"local model directory {source} has no config.json")
+        if not any(source.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"local model directory {source} has no safetensors weights: saesteer loads weights only from safetensors "
+                "(or the embedded GGUF), never pickle files such as pytorch_model.bin; save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
         kwargs["local_files_only"] = True
     else:
         source = spec.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k not in ("dtype", "use_safetensors")})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         if isinstance(source, str):

@@ -14,7 +14,7 @@ import torch
 
 from .config import EMBEDDED_MODEL, SaeSpec
 from .hookpoints import HookPointError, hook_layer
-from .models import LoadedModel
+from .models import LoadedModel, forbid_pickle_loads
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_ROOT = ASSETS / "saes"
@@ -57,8 +57,13 @@ class LoadedSae:
         return sae.decode(acts) - zero
 
     def check_feature(self, feature: int) -> None:
-        if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.width:
-            raise SaeLoadError(f"feature {feature!r} is out of range for SAE '{self.id}': use an integer from 0 to {self.width - 1}")
+        check_feature_id(feature, self.width, self.id)
+
+
+def check_feature_id(feature: int, width: int, sae_id: str) -> None:
+    """Refuse anything but an integer feature id in 0..width-1, naming the SAE and the allowed range."""
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < width:
+        raise SaeLoadError(f"feature {feature!r} is out of range for SAE '{sae_id}': use an integer from 0 to {width - 1}")
 
 
 def bundled_root(model_name: str = EMBEDDED_MODEL) -> Path:
@@ -103,8 +108,8 @@ def _from_disk(path: Path, device: str, dtype: str) -> object:
         raise SaeLoadError(f"could not load the SAE in {path}: {exc.__class__.__name__}: {exc}") from exc
 
 
-def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
-    from sae_lens import SAE
+def check_release(release: str, sae_id: str) -> None:
+    """Refuse a release or SAE id that sae-lens' packaged directory does not list (no network needed)."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     directory = get_pretrained_saes_directory()
@@ -114,6 +119,12 @@ def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
     ids = directory[release].saes_map
     if sae_id not in ids:
         raise SaeLoadError(f"release {release!r} has no SAE {sae_id!r}; it has e.g. {', '.join(list(ids)[:6])}")
+
+
+def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
+    from sae_lens import SAE
+
+    check_release(release, sae_id)
     try:
         return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
     except (OSError, ConnectionError) as exc:
@@ -123,17 +134,44 @@ def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
         ) from exc
 
 
+def bundled_entry(spec: SaeSpec, model_name: str = EMBEDDED_MODEL) -> dict:
+    """The manifest entry of the bundled SAE ``spec`` names (by id, else by layer)."""
+    entries = list_bundled(model_name)
+    match = [e for e in entries if (spec.sae_id and e["id"] == spec.sae_id) or (spec.sae_id is None and e["layer"] == spec.layer)]
+    if not match:
+        have = ", ".join(str(e["layer"]) for e in entries) or "none"
+        what = f"with id {spec.sae_id!r}" if spec.sae_id else f"at layer {spec.layer}"
+        raise SaeLoadError(f"no bundled SAE for {model_name} {what}; bundled layers: {have}")
+    return match[0]
+
+
+def precheck(spec: SaeSpec, model_name: str = EMBEDDED_MODEL) -> tuple[str, int | None]:
+    """The checks that need neither the model nor the SAE's weights, so that a wrong SAE fails before a model
+    loads for minutes: the bundled SAE exists, the directory holds cfg.json, the release lists the id.
+    Returns the SAE's id as :func:`load_sae` names it and its width where the manifest or cfg.json says it."""
+    if spec.source == "bundled":
+        entry = bundled_entry(spec, model_name)
+        return entry["id"], entry.get("width")
+    if spec.source == "local":
+        path = Path(spec.path).expanduser()
+        if not (path / "cfg.json").exists():
+            raise SaeLoadError(f"{path} is not an sae-lens SAE directory: it needs cfg.json and sae_weights.safetensors")
+        try:
+            width = json.loads((path / "cfg.json").read_text()).get("d_sae")
+        except (OSError, ValueError, AttributeError):
+            width = None  # load_sae reports a broken cfg.json with sae-lens' own message
+        return path.name, width if isinstance(width, int) and not isinstance(width, bool) else None
+    check_release(spec.release, spec.sae_id)
+    return f"{spec.release}/{spec.sae_id}", None
+
+
 def load_sae(spec: SaeSpec, lm: LoadedModel | None = None, model_name: str = EMBEDDED_MODEL) -> LoadedSae:
     """Load the SAE ``spec`` names; with ``lm``, check it fits the model (width and layer) and match its device."""
     device = str(lm.device) if lm is not None else "cpu"
     dtype = "float32"
+    forbid_pickle_loads()
     if spec.source == "bundled":
-        entries = list_bundled(model_name)
-        match = [e for e in entries if (spec.sae_id and e["id"] == spec.sae_id) or (spec.sae_id is None and e["layer"] == spec.layer)]
-        if not match:
-            have = ", ".join(str(e["layer"]) for e in entries) or "none"
-            raise SaeLoadError(f"no bundled SAE for {model_name} at layer {spec.layer}; bundled layers: {have}")
-        entry = match[0]
+        entry = bundled_entry(spec, model_name)
         sae = _from_disk(Path(entry["path"]), device, dtype)
         sae_id, path = entry["id"], entry["path"]
     elif spec.source == "local":

@@ -23,6 +23,7 @@ import torch
 
 from .config import ScoreParams
 from .hookpoints import resolve_module
+from .memory import for_each_batch
 from .models import LoadedModel
 from .saes import LoadedSae
 from .steering import capture_residuals, residual_edit, run_until_stop
@@ -210,7 +211,8 @@ def output_scores(
     rank_cap: int = DETAIL_RANK_CAP,
 ) -> OutputScoreResult:
     """Output scores, batched: the prefix is encoded once into a KV cache, then each forward runs only the last
-    prompt token for ``params.batch_size`` features at once (one batch row per feature)."""
+    prompt token for ``params.batch_size`` features at once (one batch row per feature). Out of memory, the
+    batch is halved and retried (see :mod:`saesteer.memory`); the scores do not depend on the batch size."""
     params = params or ScoreParams()
     feats = _all_features(sae, features)
     if lens is None:
@@ -233,22 +235,25 @@ def output_scores(
         def edit(x: torch.Tensor) -> torch.Tensor:  # x: (b, 1, d_model), the last prompt position only
             return x + add[:, None, :]
 
+        def step(start: int, stop: int) -> None:
+            nonlocal add
+            chunk = feats[start:stop]
+            b = len(chunk)
+            add = sae.directions(torch.from_numpy(chunk), scale).to(lm.device, lm.dtype)  # (b, d_model)
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(b)
+            logits = lm.model(input_ids=last.expand(b, 1), cache=cache, use_cache=True).logits
+            logits = _wide(logits[:, -1])  # (b, vocab)
+            t_ids = torch.from_numpy(t_all[start:stop]).to(lm.device)
+            ranks, probs, mins = _ranks_and_probs(logits, t_ids, rank_cap)
+            sl = slice(start, stop)
+            out_rank[sl], out_prob[sl], min_rank[sl] = ranks.cpu().numpy(), probs.cpu().numpy(), mins.cpu().numpy()
+            del logits, cache
+            if progress:
+                progress(stop, n)
+
         with residual_edit(module, edit):
-            for start in range(0, n, params.batch_size):
-                chunk = feats[start : start + params.batch_size]
-                b = len(chunk)
-                add = sae.directions(torch.from_numpy(chunk), scale).to(lm.device, lm.dtype)  # (b, d_model)
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(b)
-                logits = lm.model(input_ids=last.expand(b, 1), cache=cache, use_cache=True).logits
-                logits = _wide(logits[:, -1])  # (b, vocab)
-                t_ids = torch.from_numpy(t_all[start : start + b]).to(lm.device)
-                ranks, probs, mins = _ranks_and_probs(logits, t_ids, rank_cap)
-                sl = slice(start, start + b)
-                out_rank[sl], out_prob[sl], min_rank[sl] = ranks.cpu().numpy(), probs.cpu().numpy(), mins.cpu().numpy()
-                del logits, cache
-                if progress:
-                    progress(start + b, n)
+            for_each_batch(n, params.batch_size, step, "features")
     vocab = lm.vocab_size
     max_prob = out_prob.max(axis=1).astype(np.float64)
     score = (1.0 - min_rank / vocab) * max_prob

@@ -48,6 +48,17 @@ def sae_spec_from_args(args: argparse.Namespace):
     return SaeSpec(source="bundled", layer=args.layer)
 
 
+def precheck_sae(sae_spec, model_name: str, features=()) -> None:
+    """Fail on a wrong SAE (no bundled SAE at the layer, no cfg.json, unknown release or id) and on feature ids
+    beyond its width where that is known, before the model loads (the embedded one takes seconds to minutes)."""
+    from ..saes import check_feature_id, precheck
+
+    sae_id, width = precheck(sae_spec, model_name)
+    if width is not None:
+        for f in features:
+            check_feature_id(int(f), int(width), sae_id)
+
+
 def model_spec_from_args(args: argparse.Namespace):
     from ..config import ModelSpec
 

@@ -15,6 +15,7 @@ from . import (
     add_sae_args,
     fail,
     model_spec_from_args,
+    precheck_sae,
     sae_spec_from_args,
 )
 
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             judge = judge_from_env()
         sae_spec = sae_spec_from_args(args)
         model_spec = model_spec_from_args(args)
+        precheck_sae(sae_spec, model_spec.name)
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         scores = feature_scores(lm, sae, args.features)

@@ -13,6 +13,7 @@ from . import (
     add_sae_args,
     fail,
     model_spec_from_args,
+    precheck_sae,
     sae_spec_from_args,
 )
 
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         compute_many,
         matching_bundled,
     )
+    from ..memory import HINT, OutOfMemory, is_out_of_memory
     from ..models import load_model
     from ..saes import load_sae
 
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         return fail(str(exc))
     try:
+        precheck_sae(sae_spec, model_spec.name, features or ())
         lm = load_model(model_spec)
         sae = load_sae(sae_spec, lm, model_name=model_spec.name)
         for f in features or []:
@@ -146,8 +149,12 @@ def run(args: argparse.Namespace) -> int:
                 lm, [sae], sequences, params, n_tokens=args.tokens or DEFAULT_TOKENS, only=args.only, cache=not args.no_cache,
                 progress=bars, features=features, corpus_name=args.corpus,
             )[0]
-        except (CorpusError, FeatureDataError, ValueError) as exc:  # ValueError: e.g. a corpus with no tokens
+        except (CorpusError, FeatureDataError, OutOfMemory, ValueError) as exc:  # ValueError: e.g. a corpus with no tokens
             return fail(str(exc))
+        except (RuntimeError, MemoryError) as exc:  # out of memory outside the batched output scores (the corpus pass)
+            if not is_out_of_memory(exc):
+                raise
+            return fail(f"out of memory ({exc.__class__.__name__}): {HINT}")
         finally:
             bars.close()
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 
 from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError, SteerParams
-from . import USER_ERRORS, add_model_args, add_sae_args, fail, model_spec_from_args, sae_spec_from_args
+from . import (
+    USER_ERRORS,
+    add_model_args,
+    add_sae_args,
+    fail,
+    model_spec_from_args,
+    precheck_sae,
+    sae_spec_from_args,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +69,16 @@ def params_from_args(args: argparse.Namespace) -> SteerParams:
     )
 
 
+def fit_context(lm, params: SteerParams) -> SteerParams:
+    """``params`` with the prompt limit lowered so that prompt + continuation fit the model's positions."""
+    context = lm.context_length
+    if context is None:
+        return params
+    if params.max_new_tokens >= context:
+        raise ConfigError(f"--max-new-tokens {params.max_new_tokens} does not fit model '{lm.name}', whose context is {context} tokens: use fewer")
+    return replace(params, max_prompt_tokens=min(params.max_prompt_tokens, context - params.max_new_tokens))
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import models, saes, steering
 
@@ -67,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
         params = params_from_args(args)
         sae_spec = sae_spec_from_args(args)
         model_spec = model_spec_from_args(args)
+        precheck_sae(sae_spec, model_spec.name, params.features)
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         for f in params.features:
             sae.check_feature(f)
+        params = fit_context(lm, params)
         baseline, steered = steering.generate_pair(lm, sae, args.prompt, params, fast=args.fast_decode)
     except USER_ERRORS as exc:
         return fail(str(exc))

@@ -20,7 +20,7 @@ from ..models import LoadedModel
 from ..saes import LoadedSae
 from . import loaders
 from .nav import sidebar_links
-from .state import ViewState, parse_query_params
+from .state import ViewState, check_path, looks_like_path, parse_query_params
 
 if TYPE_CHECKING:
     from ..features import FeatureData
@@ -137,6 +137,8 @@ def _apply_query_params() -> None:
         else:
             _set("sb_sae_source", "bundled")
             _set("sb_sae_ref", view.sae)
+    if view.sae is not None and not Path(view.sae).expanduser().is_dir():
+        st.session_state["_sb_want_ref"] = view.sae
     if view.layer is not None:
         st.session_state["_sb_want_layer"] = view.layer
     for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode)):
@@ -165,12 +167,21 @@ def _model_picker() -> ModelSpec:
         name = _kept(st.text_input, "Hub id", "sb_model_name", placeholder="google/gemma-2-2b").strip()
     elif kind == "local":
         name = _kept(st.text_input, "Model directory", "sb_model_name", placeholder="/path/to/hf-model").strip()
+    if name and name != EMBEDDED_MODEL and (kind == "local" or looks_like_path(name) or Path(name).expanduser().exists()):
+        _confine(name, "model")  # a "hub id" that names an existing path would be loaded from disk
     with st.expander("Device and precision"):
         device = _kept(st.selectbox, "Device", "sb_device", options=["auto", "cpu", "cuda"], help="auto: CUDA when present, else CPU")
         dtype = _kept(st.selectbox, "Weights", "sb_dtype", options=["float32", "bfloat16", "float16"], help="float32 is exact and fastest for batched CPU work")
     if not name:
         raise ConfigError("type a hub id (e.g. google/gemma-2-2b) or a local model directory")
     return ModelSpec(name=name, device=device, dtype=dtype)
+
+
+def _confine(path: str, what: str) -> None:
+    """Refuse a path typed into the sidebar outside the allowed folders (the server's files are not the user's)."""
+    problem = check_path(path, loaders.allowed_roots(), what)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _sae_choices(ctx: AppContext) -> list[loaders.SaeChoice]:
@@ -195,12 +206,18 @@ def _sae_choices(ctx: AppContext) -> list[loaders.SaeChoice]:
     path = _kept(st.text_input, "SAE directory (sae-lens format)", "sb_sae_path").strip()
     if not path:
         raise RuntimeError("type the directory of an SAE in sae-lens format (cfg.json + sae_weights.safetensors)")
+    _confine(path, "SAE")
     return [loaders.SaeChoice(layer=-1, label=path, spec=SaeSpec(source="local", path=path), ref=path)]
 
 
 def _layer_picker(choices: list[loaders.SaeChoice]) -> loaders.SaeChoice:
     refs = [c.ref for c in choices]
     by_ref = {c.ref: c for c in choices}
+    want_ref = st.session_state.pop("_sb_want_ref", None)
+    if want_ref is not None and want_ref not in by_ref:
+        st.session_state.setdefault(_QP_PROBLEMS, []).append(
+            f"link parameter 'sae' ignored: {want_ref[:120]!r} is not among the SAEs offered here; e.g. {', '.join(refs[:3])}"
+        )
     want = st.session_state.pop("_sb_want_layer", None)
     if want is not None and _get("sb_sae_ref") not in by_ref:
         match = [c.ref for c in choices if c.layer == want]
@@ -264,6 +281,9 @@ def render_sidebar() -> AppContext:
                 ctx.data = loaders.load_feature_data(ctx.model_name, ctx.sae)
                 if ctx.data is None:
                     st.caption("Feature scores: not computed yet (see the Layers page).")
+                elif not ctx.fixture and loaders.unsaved_feature_data(ctx.model_name, ctx.sae) is ctx.data:
+                    st.warning(f"Feature scores kept in memory only: the cache folder {loaders.cache_root()} is not writable, "
+                               "so they are lost when the app restarts.")
             except Exception as exc:  # a corrupt or incompatible data directory
                 ctx.errors.append(f"Feature data: {exc}")
                 st.error(f"Could not load the feature data: {exc}")

@@ -42,9 +42,15 @@ def fixture_mode() -> str | None:
     return value or None
 
 
+ROOTS_ENV = "SAESTEER_ALLOWED_ROOTS"
+
+
 def allowed_roots() -> list[Path]:
-    """Folders that paths coming from a URL may point into."""
-    return [ASSETS, cache_root()]
+    """Folders that model and SAE paths coming from a URL or typed into the sidebar may point into: the bundled
+    assets, the saesteer cache, and whatever the operator lists in ``$SAESTEER_ALLOWED_ROOTS`` (separated by
+    ``os.pathsep``). Whoever runs the app decides which of the server's folders its users may load from."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [ASSETS, cache_root(), *extra]
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,7 @@ def load_feature_data(model_name: str, sae: LoadedSae):
         return _tiny_feature_data(sae.layer)
     path = feature_data_dir(model_name, sae)
     if path is None:
-        return None
+        return unsaved_feature_data(model_name, sae)
     return _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime)
 
 
@@ -249,6 +255,8 @@ class Job:
     done: bool = False
     started: float = field(default_factory=time.time)
     thread: threading.Thread | None = field(default=None, repr=False)
+    result: object | None = field(default=None, repr=False)
+    """What ``work`` returned: feature data that could not be saved (kept in memory instead), else None."""
 
     @property
     def running(self) -> bool:
@@ -271,7 +279,8 @@ class JobRegistry:
             return list(self._jobs.values())
 
     def start(self, key: str, target: Path, work: Callable[[Callable[[float, str], None]], object]) -> Job:
-        """Run ``work(report)`` in a thread unless a job with ``key`` is already running; ``report(fraction, message)``."""
+        """Run ``work(report)`` in a thread unless a job with ``key`` is already running; ``report(fraction, message)``.
+        What ``work`` returns is kept as ``job.result``."""
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and job.running:
@@ -286,7 +295,7 @@ class JobRegistry:
 
         def run() -> None:
             try:
-                work(report)
+                job.result = work(report)
                 job.progress, job.message, job.done = 1.0, "done", True
             except Exception as exc:  # shown to the user in the page; the app stays up
                 job.error = f"{exc.__class__.__name__}: {exc}"
@@ -310,6 +319,7 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
     """Compute feature data for ``sae`` over the bundled corpus in the background and save it to the cache.
 
     The scoring pipeline caches its intermediate results too, so an interrupted job resumes where it stopped.
+    When the cache cannot be written, the result stays in memory (``job.result``) until the server restarts.
     """
     target = cache_feature_dir(model_name, sae)
 
@@ -323,9 +333,19 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
 
         sequences = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
         data = compute_many(lm, [sae], sequences, n_tokens=n_tokens, progress=progress, corpus_name="bundled")[0]
-        data.save(target)
+        try:
+            data.save(target)
+        except OSError:  # a read-only cache: keep the result in memory for this process (the page says so)
+            return data
+        return None
 
     return jobs().start(job_key(model_name, sae), target, work)
+
+
+def unsaved_feature_data(model_name: str, sae: LoadedSae):
+    """Feature data a finished job computed but could not save (the cache is not writable), else None."""
+    job = jobs().get(job_key(model_name, sae))
+    return job.result if job is not None and job.done else None
 
 
 # ---------------------------------------------------------------------------------------------------

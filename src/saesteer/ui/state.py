@@ -68,7 +68,7 @@ def is_within(path: Path, roots: Sequence[Path]) -> bool:
     return False
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return value.startswith(("/", "~", ".")) or "\\" in value or ".." in value
 
 
@@ -77,7 +77,8 @@ def check_path(value: str, roots: Sequence[Path], what: str) -> str | None:
     if is_within(Path(value), roots):
         return None
     allowed = ", ".join(str(r) for r in roots)
-    return f"{what} path {value!r} is outside the allowed folders ({allowed}); copy it there or pick it in the sidebar"
+    return (f"{what} path {value!r} is outside the allowed folders ({allowed}); copy it there, or ask whoever runs "
+            "the app to add its folder to SAESTEER_ALLOWED_ROOTS")
 
 
 def _first(value: str | Sequence[str]) -> str:
@@ -100,7 +101,7 @@ def parse_model(value: str, roots: Sequence[Path]) -> str:
     value = value.strip()
     if value == EMBEDDED_MODEL:
         return value
-    if _looks_like_path(value) or Path(value).exists():
+    if looks_like_path(value) or Path(value).exists():
         problem = check_path(value, roots, "model")
         if problem:
             raise ValueError(problem)
@@ -113,7 +114,7 @@ def parse_model(value: str, roots: Sequence[Path]) -> str:
 def parse_sae(value: str, roots: Sequence[Path]) -> str:
     """Validate an SAE reference from a URL: bundled id, RELEASE:SAE_ID, or a directory under ``roots``."""
     value = value.strip()
-    if _looks_like_path(value) or ("/" in value and ":" not in value):
+    if looks_like_path(value) or ("/" in value and ":" not in value):
         problem = check_path(value, roots, "SAE")
         if problem:
             raise ValueError(problem)
