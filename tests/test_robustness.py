@@ -412,7 +412,8 @@ def test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run(tiny_lm, tmp
         proc.stderr.close()
     assert not (tmp_path / "killed.parquet").exists()
     chunks = sorted(p.name for p in cache.rglob("output/*.npz"))
-    assert chunks == ["00000000-00000256.npz"]  # killed midway: one of four chunks done
+    C = features_mod.OUTPUT_CHUNK
+    assert chunks == [f"00000000-{C:08d}.npz"]  # killed midway: one of four chunks done
 
     # Rerun in this process: the corpus pass and the logit lens come from the cache, only the three missing
     # chunks are computed.
@@ -431,12 +432,12 @@ def test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run(tiny_lm, tmp
     monkeypatch.setattr(features_mod, "activation_pass", not_again)
     monkeypatch.setattr(features_mod, "logit_lens", not_again)
     assert main([*args, "--out", str(tmp_path / "resumed.parquet")]) == 0
-    assert computed == [256, 512, 768]
+    assert computed == [C, 2 * C, 3 * C]
     monkeypatch.undo()
 
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "other-cache"))
     assert main([*args, "--no-cache", "--out", str(tmp_path / "uninterrupted.parquet")]) == 0
     resumed, clean = pd.read_parquet(tmp_path / "resumed.parquet"), pd.read_parquet(tmp_path / "uninterrupted.parquet")
-    assert len(clean) == 1024 and clean["output_score"].notna().all() and clean["density"].notna().all()
+    assert len(clean) == 4 * C and clean["output_score"].notna().all() and clean["density"].notna().all()
     pd.testing.assert_frame_equal(resumed, clean, check_exact=True)
     capsys.readouterr()

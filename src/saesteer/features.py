@@ -47,7 +47,7 @@ FEATURES_ROOT = ASSETS / "features"
 #: Corpus tokens of the activation pass when the caller does not say.
 DEFAULT_TOKENS = 200_000
 #: Features per saved chunk of output scores (the unit of resumption).
-OUTPUT_CHUNK = 256
+OUTPUT_CHUNK = 512
 
 Only = Literal["all", "output", "input"]
 #: progress(stage, done, total): stage is e.g. "logit lens", "output scores", "activations".

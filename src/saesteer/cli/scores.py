@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..config import ScoreParams
 from . import (
     USER_ERRORS,
     add_model_args,
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="bundled", help="'bundled' (offline corpus, train split) or text files (.txt/.jsonl/.parquet, comma-separated)")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens for the activation pass (default 200000)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
-    p.add_argument("--batch-size", type=int, default=256, help="features scored per forward for the output score")
+    p.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features scored per forward for the output score")
     p.add_argument("--amp", type=float, default=10.0, help="output-score amplification (paper: 10)")
 
 
