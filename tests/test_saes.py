@@ -11,7 +11,13 @@ from conftest import make_tiny_sae
 
 from saesteer import saes
 from saesteer.config import SaeSpec
-from saesteer.hookpoints import HookPointError, hf_module_name, hook_layer, resolve_module, tl_hook_name
+from saesteer.hookpoints import (
+    HookPointError,
+    hf_module_name,
+    hook_layer,
+    resolve_module,
+    tl_hook_name,
+)
 from saesteer.saes import SaeLoadError, load_sae
 
 

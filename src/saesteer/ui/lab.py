@@ -11,7 +11,13 @@ import streamlit as st
 import torch
 
 from .. import plots
-from ..config import MAX_ABS_STRENGTH, NEUTRAL_PROMPT, PAPER_STRENGTHS, ConfigError, SteerParams
+from ..config import (
+    MAX_ABS_STRENGTH,
+    NEUTRAL_PROMPT,
+    PAPER_STRENGTHS,
+    ConfigError,
+    SteerParams,
+)
 from ..steering import generate, stream_pair
 from .card import LAB_ROWS
 from .context import FEATURE, MODE, PROMPT, STRENGTH, AppContext
