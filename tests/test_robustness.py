@@ -8,9 +8,9 @@ thoroughly it is referenced rather than repeated.
 |---|---|---|---|---|
 | 1 concurrency | four concurrent steered generations = their solo outputs, no hooks leak | | ``test_two_app_sessions_steer_one_shared_model_independently`` | ``test_concurrent_sessions_get_their_solo_results_and_leave_no_hooks``; test_steering.py::``test_concurrent_threads_do_not_see_each_others_hooks``, ``test_stream_closed_early_releases_lock_and_hooks`` |
 | 2 bad input | layer with no SAE | input::``test_cli_sae_errors_are_one_line[*-no-sae-at-layer]`` | input::``test_app_bad_link_parameters_are_refused_with_a_message[layer-without-sae]``, ``[unknown-sae]`` | test_saes.py::``test_load_bundled_through_manifest`` |
-| | feature id out of range / negative / not an integer | test_cli.py::``test_steer_bad_input_is_one_clear_line``; input::``test_cli_sae_errors_are_one_line[feature-beyond-width]`` | input::``test_app_feature_beyond_the_sae_is_an_error_on_the_card``, ``test_app_bad_link_parameters_are_refused_with_a_message[negative-feature, text-feature, fractional-feature]``, ``test_app_widgets_keep_values_within_bounds`` | test_saes.py::``test_check_feature`` |
-| | strength NaN / inf / absurdly large (bounded at 1000) | test_cli.py::``test_steer_bad_input_is_one_clear_line`` | input::``test_app_bad_link_parameters_are_refused_with_a_message[nan-, inf-, huge-strength]``, ``test_app_widgets_keep_values_within_bounds`` | test_steering.py::``test_generate_rejects_bad_input`` |
-| | empty prompt / longer than the context | test_cli.py::``test_steer_empty_prompt``; input::``test_cli_prompt_beyond_the_context_and_too_many_new_tokens`` | input::``test_app_empty_and_over_long_prompts_are_errors``, ``test_app_bad_link_parameters_are_refused_with_a_message[over-long-prompt]`` | test_steering.py::``test_generate_rejects_bad_input`` |
+| | feature id out of range / negative / not an integer | test_cli.py::``test_steer_bad_input_is_one_clear_line``; input::``test_cli_sae_errors_are_one_line[feature-beyond-width]`` | input::``test_app_feature_beyond_the_sae_is_an_error_on_the_card``, ``test_app_feature_beyond_the_sae_is_an_error_in_the_lab``, ``test_app_bad_link_parameters_are_refused_with_a_message[negative-feature, text-feature, fractional-feature]``, ``test_app_widgets_keep_values_within_bounds`` | test_saes.py::``test_check_feature`` |
+| | strength NaN / inf / absurdly large (bounded at 1000) | test_cli.py::``test_steer_bad_input_is_one_clear_line`` | input::``test_app_bad_link_parameters_are_refused_with_a_message[nan-, inf-, huge-strength]``, ``test_app_non_finite_strength_in_the_session_is_refused_with_a_message``, ``test_app_widgets_keep_values_within_bounds`` | test_steering.py::``test_generate_rejects_bad_input`` |
+| | empty prompt / prompt + new tokens beyond the model's context (never above 2048 prompt tokens) | test_cli.py::``test_steer_empty_prompt``; input::``test_cli_prompt_beyond_the_context_and_too_many_new_tokens`` | input::``test_app_empty_and_over_long_prompts_are_errors``, ``test_app_bad_link_parameters_are_refused_with_a_message[over-long-prompt]`` | test_steering.py::``test_generate_rejects_bad_input``; input::``test_prompt_limit_is_the_context_minus_the_new_tokens`` |
 | | max_new_tokens <= 0 or huge | test_cli.py::``test_steer_bad_input_is_one_clear_line``; input::``test_cli_prompt_beyond_the_context_and_too_many_new_tokens`` | input::``test_app_widgets_keep_values_within_bounds`` | test_steering.py::``test_generate_rejects_bad_input`` |
 | | SAE d_in differs from the model width | input::``test_cli_sae_errors_are_one_line[d_in-mismatch]`` | test_app.py::``test_sae_load_errors_are_errors_not_crashes`` | test_saes.py::``test_d_in_mismatch_is_refused`` |
 | | hook name that maps to no module | input::``test_cli_sae_errors_are_one_line[hook-maps-to-no-module]`` | input::``test_app_sae_hook_that_maps_to_no_module_is_an_error`` | test_saes.py::``test_hook_name_that_maps_to_no_module`` |
@@ -18,11 +18,11 @@ thoroughly it is referenced rather than repeated.
 | | unreachable hub (model, SAE download) | input::``test_cli_unreachable_hub_model_is_one_line``, ``test_cli_sae_errors_are_one_line[unreachable-hub-sae]`` | test_app.py::``test_unreachable_hub_model_is_an_error_not_a_crash``; input::``test_app_unknown_sae_id_in_a_link_and_an_unreachable_hub`` | test_models.py::``test_hub_id_offline_names_the_embedded_default`` |
 | | corrupted / truncated cache or parquet file | input::``test_cli_damaged_cache_is_recomputed_to_the_same_result``, ``test_cli_damaged_feature_data_parquet_is_one_line`` | input::``test_app_damaged_feature_data_is_an_error_and_can_be_recomputed`` | test_store.py::``test_corrupted_file_is_recomputed``, ``test_truncated_parquet_and_missing_sidecar_are_recomputed`` |
 | | read-only cache directory | input::``test_cli_read_only_cache_computes_without_caching`` | input::``test_app_read_only_cache_keeps_computed_scores_in_memory`` | test_store.py::``test_unwritable_root_falls_back_to_computing`` |
-| | out of memory: fall back, else say what to reduce | input::``test_cli_scores_out_of_memory_falls_back_or_says_what_to_do``, ``test_cli_eval_generation_out_of_memory_falls_back_to_the_same_texts`` | input::``test_app_out_of_memory_in_a_feature_job_is_an_error_not_a_crash`` | input::``test_output_scores_fall_back_to_smaller_batches``, ``test_out_of_memory_at_batch_one_is_a_clear_error_and_other_errors_pass_through``, ``test_continuation_nll_falls_back_to_smaller_batches`` |
+| | out of memory: fall back, else say what to reduce | input::``test_cli_scores_out_of_memory_falls_back_or_says_what_to_do``, ``test_cli_eval_generation_out_of_memory_falls_back_to_the_same_texts`` | input::``test_app_out_of_memory_in_a_feature_job_is_an_error_not_a_crash``, ``test_app_out_of_memory_in_the_lab_is_an_error_not_a_crash`` (stream and sweep) | input::``test_output_scores_fall_back_to_smaller_batches``, ``test_out_of_memory_at_batch_one_is_a_clear_error_and_other_errors_pass_through``, ``test_continuation_nll_falls_back_to_smaller_batches`` |
 | 3 safe loading | weights only from safetensors / GGUF; no pickle; torch.load weights-only | (the library's loaders) | (the library's loaders) | ``test_no_unpickling_in_the_code``, ``test_model_weights_come_only_from_safetensors``, ``test_torch_load_refuses_pickled_code_once_saesteer_loads`` |
 | | trust_remote_code off unless the user turns it on | ``test_trust_remote_code_is_off_unless_asked`` | ``test_app_never_turns_on_remote_code`` | ``test_trust_remote_code_is_off_unless_asked`` |
 | | paths from the URL or the UI confined to allowed roots | | ``test_sidebar_paths_are_confined_to_allowed_roots``; test_app.py::``test_query_params_validation``, ``test_paths_resolve_symlinks_before_confinement``; input::``test_app_bad_link_parameters_are_refused_with_a_message[path-outside-roots]`` | |
-| 4 HTML | prompts and contexts escaped; shown literally, no script runs in a real browser | | ``test_html_like_prompts_and_contexts_are_escaped`` (AppTest); test_browser.py::``test_html_like_prompt_and_contexts_show_literally_in_chromium`` (real Chromium) | test_app.py::``test_context_html_escapes_every_token``, test_plots.py (escaped hover text) |
+| 4 HTML | prompts and contexts escaped; shown literally, no script runs in a real browser; tokens in Markdown also have Markdown syntax neutralised | | ``test_html_like_prompts_and_contexts_are_escaped`` (AppTest), ``test_demo_preset_tokens_are_escaped_as_html_and_markdown``; test_browser.py::``test_html_like_prompt_and_contexts_show_literally_in_chromium`` (real Chromium) | test_app.py::``test_context_html_escapes_every_token``, test_plots.py (escaped hover text) |
 | 5 faults | a scoring job killed midway (SIGKILL) resumes; final results = an uninterrupted run | ``test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run`` | | test_store.py::``test_resume_per_chunk_equals_uninterrupted_run`` |
 """
 
@@ -354,6 +354,25 @@ def test_html_like_prompts_and_contexts_are_escaped(fixture_env):
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_out and "&lt;img src=x onerror=alert(1)&gt;" in html_out
     assert "<script" not in html_out and "<img" not in html_out
+
+
+def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkeypatch):
+    """Tokens placed into Markdown (the demo presets of the steering lab) go through ``md_token``: HTML-escaped
+    and with Markdown syntax (links, emphasis) neutralised, so a token cannot render as a link or markup."""
+    from saesteer.ui import lab
+    from saesteer.ui.render import md_token
+
+    tokens = ["[click](http://evil.example)", "**bold**", XSS[1]]
+    preset = pd.DataFrame({"feature": [3], "top_tokens": [" | ".join(tokens)], "output_score": [0.5], "input_score": [float("nan")]})
+    monkeypatch.setattr(lab, "demo_features", lambda table, n=4: preset)
+    at = app().run()
+    at.switch_page("pages/5_Steering_lab.py").run()
+    at.toggle(key="lab_demo").set_value(True).run()
+    no_exception(at)
+    shown = [m.value for m in at.markdown]
+    assert f"**Feature 3** — the {md_token(tokens[0])} feature" in shown
+    assert any(("use words like " + ", ".join(md_token(t) for t in tokens)) in m for m in shown)
+    assert not any("[click](" in m or "**bold**" in m or "<img" in m for m in shown)
 
 
 # ---------------------------------------------------------------------------------------------------

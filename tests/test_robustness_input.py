@@ -25,12 +25,13 @@ from test_app import app, no_exception
 from saesteer import models, saes
 from saesteer import scores as scores_mod
 from saesteer.__main__ import main
-from saesteer.config import EMBEDDED_MODEL, ScoreParams
+from saesteer.config import EMBEDDED_MODEL, ConfigError, ScoreParams, SteerParams
 from saesteer.corpus import Doc
 from saesteer.evaluate import continuation_nll
 from saesteer.hookpoints import tl_hook_name
 from saesteer.memory import OutOfMemory, for_each_batch, is_out_of_memory
 from saesteer.scores import output_scores
+from saesteer.steering import encode_prompts, generate, stream, stream_pair
 
 RELEASE = "gemma-scope-2b-pt-res-canonical"
 
@@ -117,6 +118,29 @@ def test_cli_prompt_beyond_the_context_and_too_many_new_tokens(cli, capsys):
     assert "--max-new-tokens 600 does not fit model 'tiny-gemma3', whose context is 512 tokens" in one_error_line(capsys)
     assert main([*base, "--prompt", " ".join(["the"] * 479), "--json"]) == 0  # 480 tokens with BOS: just fits
     assert set(json.loads(capsys.readouterr().out)) == {"baseline", "steered"}
+
+
+def test_prompt_limit_is_the_context_minus_the_new_tokens(tiny_lm, monkeypatch):
+    """The library checks what the CLI checks: generate, stream and stream_pair refuse a prompt that leaves
+    too few of the model's positions for the new tokens, saying the length, the limit and what to do; the
+    2048-token cap stays where the context is larger or unknown."""
+    over = " ".join(["the"] * 480)  # 481 tokens with BOS
+    message = ("the prompt is 481 tokens long; the limit is 480 tokens (model 'tiny-gemma3' has a context of 512 tokens, "
+               "32 of them kept for the new tokens): shorten the prompt or ask for fewer new tokens")
+    params = SteerParams(max_new_tokens=32)
+    for run in (lambda: generate(tiny_lm, over, max_new_tokens=32), lambda: stream(tiny_lm, over, params=params),
+                lambda: stream_pair(tiny_lm, over, params=params)):
+        with pytest.raises(ConfigError) as err:
+            run()
+        assert str(err.value) == message
+    assert len(encode_prompts(tiny_lm, [over], max_new_tokens=31)[0]) == 481  # one new token fewer: it fits
+    with pytest.raises(ConfigError, match="^600 new tokens do not fit model 'tiny-gemma3', whose context is 512 tokens: ask for fewer new tokens$"):
+        generate(tiny_lm, "the sea", max_new_tokens=600)
+    long = " ".join(["the"] * 2100)
+    for context in (None, 1_000_000):
+        monkeypatch.setattr(type(tiny_lm), "context_length", property(lambda self, c=context: c))
+        with pytest.raises(ConfigError, match=r"^the prompt is 2101 tokens long; the limit is 2048 tokens: shorten the prompt$"):
+            encode_prompts(tiny_lm, [long], max_new_tokens=32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,6 +271,10 @@ def test_out_of_memory_at_batch_one_is_a_clear_error_and_other_errors_pass_throu
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         for_each_batch(10, 4, broken, "items")
     assert is_out_of_memory(torch.OutOfMemoryError("x")) and is_out_of_memory(MemoryError())
+    # what torch's CPU allocator raises (a RuntimeError), e.g. for torch.empty(2**46)
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                                         "you tried to allocate 281474976710656 bytes. Error code 12 (Cannot allocate memory)"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes"))
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
@@ -421,8 +449,10 @@ def test_app_widgets_keep_values_within_bounds(fixture_env):
 
 @pytest.mark.parametrize(
     "prompt, message",
-    [("   ", "the prompt is empty: give some text to continue"), (" ".join(["the"] * 2100), "the prompt is 2101 tokens long; the limit is 2048 tokens")],
-    ids=["empty", "over-long"],
+    [("   ", "the prompt is empty: give some text to continue"),
+     (" ".join(["the"] * 499), ("the prompt is 500 tokens long; the limit is 480 tokens (model 'tiny-gemma3' has a context of 512 tokens, "
+                                "32 of them kept for the new tokens): shorten the prompt or ask for fewer new tokens"))],
+    ids=["empty", "beyond-the-context"],
 )
 def test_app_empty_and_over_long_prompts_are_errors(fixture_env, prompt, message):
     at = app().run()
@@ -435,6 +465,74 @@ def test_app_empty_and_over_long_prompts_are_errors(fixture_env, prompt, message
     at.button(key="lab_go").click().run()  # the app is still up
     no_exception(at)
     assert not at.error and at.session_state["lab_last"]["prompt"] == "the sea"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("strength", float("nan")), ("lab_rows", float("inf")), ("lab_rows", float("-inf"))],
+    ids=["nan-shared-strength", "inf-lab-row", "minus-inf-lab-row"],
+)
+def test_app_non_finite_strength_in_the_session_is_refused_with_a_message(fixture_env, key, value):
+    """A strength that is not a number is refused where the lab reads it (the shared selection, or the rows the
+    feature card hands over), not clamped silently to the slider's end; the default strength stands instead."""
+    at = app().run()
+    at.session_state[key] = [{"feature": 3, "strength": value}] if key == "lab_rows" else value
+    at.switch_page("pages/5_Steering_lab.py").run()
+    no_exception(at)
+    feature = 3 if key == "lab_rows" else at.number_input(key="lab_f0").value
+    assert [e.value for e in at.error] == [f"strength {value!r} of feature {feature} is not a finite number: refused, set to 4"]
+    assert at.slider(key="lab_s0").value == 4.0
+    at.button(key="lab_go").click().run()
+    no_exception(at)
+    assert not at.error and at.session_state["lab_last"]["steered"]
+
+
+def test_app_feature_beyond_the_sae_is_an_error_in_the_lab(fixture_env):
+    """A feature id from the link that the SAE does not have is reported in the lab too, not silently replaced."""
+    at = app(feature="100000").run()
+    at.switch_page("pages/5_Steering_lab.py").run()
+    no_exception(at)
+    shown = at.number_input(key="lab_f0").value
+    assert [e.value for e in at.error] == [f"feature 100000 does not exist in SAE tiny-topk-L1: use an id from 0 to 127; showing feature {shown} instead"]
+    assert 0 <= shown <= 127
+
+
+def test_app_out_of_memory_in_the_lab_is_an_error_not_a_crash(fixture_env, monkeypatch):
+    """Out of memory while streaming the pair (after the first token) or during the sweep is an error that says
+    what to reduce; the page stays up and the next generation runs."""
+    from saesteer.ui import lab
+
+    def oom_pair(*args, **kwargs):
+        yield ("the", "the")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def oom_generate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GiB")
+
+    real_pair, real_generate = lab.stream_pair, lab.generate
+    monkeypatch.setattr(lab, "stream_pair", oom_pair)
+    monkeypatch.setattr(lab, "generate", oom_generate)
+    at = app().run()
+    at.switch_page("pages/5_Steering_lab.py").run()
+    at.button(key="lab_go").click().run()
+    no_exception(at)
+    [error] = [e.value for e in at.error]
+    assert error.startswith("Out of memory while generating the baseline and steered texts (OutOfMemoryError: CUDA out of memory.")
+    assert "fewer new tokens" in error and "untick fast decode" in error and "on the cpu" in error
+    assert "lab_last" not in at.session_state
+    at.multiselect(key="lab_grid_paper").set_value([0.0, 2.0]).run()
+    at.button(key="lab_sweep").click().run()
+    no_exception(at)
+    [error] = [e.value for e in at.error]
+    assert error.startswith("Out of memory while running the sweep (2 continuations in one batch) (RuntimeError: [enforce fail")
+    assert "fewer strengths" in error and "skip the sweep" in error and "on the cpu" in error
+    assert "lab_sweep_result" not in at.session_state
+    monkeypatch.setattr(lab, "stream_pair", real_pair)
+    monkeypatch.setattr(lab, "generate", real_generate)
+    at.button(key="lab_go").click().run()
+    at.button(key="lab_sweep").click().run()
+    no_exception(at)
+    assert not at.error and at.session_state["lab_last"]["steered"] and len(at.session_state["lab_sweep_result"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------

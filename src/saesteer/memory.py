@@ -23,11 +23,16 @@ class OutOfMemory(RuntimeError):
     """Even a batch of one item ran out of memory; the message says what to reduce."""
 
 
+#: How allocation failures that are plain RuntimeErrors read: MPS / older CUDA, and torch's CPU allocator
+#: ("DefaultCPUAllocator: can't allocate memory" / "not enough memory").
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation failure: CUDA/MPS/CPU out of memory, or Python's MemoryError."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):  # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
 def free_memory() -> None:

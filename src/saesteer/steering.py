@@ -269,15 +269,36 @@ def _pad_id(lm: LoadedModel) -> int:
     return int(pad if pad is not None else 0)
 
 
-def encode_prompts(lm: LoadedModel, prompts: Sequence[str], max_prompt_tokens: int = 2048) -> list[list[int]]:
-    """Token ids of each prompt (with the tokenizer's BOS), refusing empty and over-long prompts."""
+def _limit_reason(lm: LoadedModel, limit: int, max_new_tokens: int) -> str:
+    """Why the prompt limit is what it is, and what to do about it (the tail of the over-long-prompt message)."""
+    if lm.context_length is None or limit < lm.context_length - max_new_tokens:
+        return ": shorten the prompt"
+    kept = f", {max_new_tokens} of them kept for the new tokens" if max_new_tokens else ""
+    fewer = " or ask for fewer new tokens" if max_new_tokens else ""
+    return f" (model '{lm.name}' has a context of {lm.context_length} tokens{kept}): shorten the prompt{fewer}"
+
+
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], max_prompt_tokens: int = 2048, max_new_tokens: int = 0) -> list[list[int]]:
+    """Token ids of each prompt (with the tokenizer's BOS), refusing empty and over-long prompts.
+
+    A prompt may have at most ``max_prompt_tokens`` tokens, and fewer where the model's context
+    (``lm.context_length``) leaves less room once ``max_new_tokens`` positions are kept for the continuation:
+    positions beyond the context would make the model fail mid-decode or continue from garbage.
+    """
+    limit, context = max_prompt_tokens, lm.context_length
+    if context is not None:
+        if max_new_tokens >= context:
+            raise ConfigError(
+                f"{max_new_tokens} new tokens do not fit model '{lm.name}', whose context is {context} tokens: ask for fewer new tokens"
+            )
+        limit = min(limit, context - max_new_tokens)
     out = []
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise ConfigError("the prompt is empty: give some text to continue")
         ids = lm.tokenizer(p)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            raise ConfigError(f"the prompt is {len(ids)} tokens long; the limit is {max_prompt_tokens} tokens")
+        if len(ids) > limit:
+            raise ConfigError(f"the prompt is {len(ids)} tokens long; the limit is {limit} tokens{_limit_reason(lm, limit, max_new_tokens)}")
         out.append(list(ids))
     return out
 
@@ -415,7 +436,7 @@ def generate(
     # SteerParams holds the one set of limits for max_new_tokens / temperature / mode.
     SteerParams(max_new_tokens=max_new_tokens, temperature=temperature, mode=mode)
     _seed_list(seed, len(prompts))
-    ids = encode_prompts(lm, prompts, max_prompt_tokens)
+    ids = encode_prompts(lm, prompts, max_prompt_tokens, max_new_tokens)
     eos = _eos_ids(lm)
     with _decoding(lm, sae, features, s, mode, len(ids), fast) as model:
         steps = list(_decode_loop(lm, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, model=model))
@@ -566,7 +587,7 @@ def stream(lm: LoadedModel, prompt: str, *, sae: LoadedSae | None = None, params
     thread instead (a worker would wait for that lock forever). ``fast``: see :func:`generate`.
     """
     _check_stream_args(sae, params)
-    ids = encode_prompts(lm, [prompt], params.max_prompt_tokens)
+    ids = encode_prompts(lm, [prompt], params.max_prompt_tokens, params.max_new_tokens)
     rows = _stream_rows(
         lm, ids, sae=sae, features=params.features, strengths=params.strengths, params=params, seed=params.seed, fast=fast
     )
@@ -595,7 +616,7 @@ def stream_pair(
     Threading, early close and a held ``lm.lock`` behave as in :func:`stream`.
     """
     _check_stream_args(sae, params)
-    ids = encode_prompts(lm, [prompt], params.max_prompt_tokens) * 2
+    ids = encode_prompts(lm, [prompt], params.max_prompt_tokens, params.max_new_tokens) * 2
     rows = _stream_rows(
         lm, ids, sae=sae, features=params.features, strengths=pair_strengths(params), params=params,
         seed=[params.seed, params.seed], fast=fast,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import html
+import math
+import numbers
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 
 import pandas as pd
 import streamlit as st
@@ -18,6 +21,7 @@ from ..config import (
     ConfigError,
     SteerParams,
 )
+from ..memory import free_memory, is_out_of_memory
 from ..steering import generate, stream_pair
 from .card import LAB_ROWS
 from .context import FEATURE, MODE, PROMPT, STRENGTH, AppContext
@@ -42,6 +46,9 @@ FAST_HELP = (
     "float32 for a few tokens and may then take another path. Untick for the exact float32 model. "
     "The strength sweep and all scores always use float32."
 )
+CPU_HINT = "or load the model on the cpu (sidebar: Device and precision; other sessions and jobs on this device share its memory)"
+OOM_PAIR = f"use fewer new tokens or a shorter prompt, untick fast decode (its bf16 copy of the model takes memory), {CPU_HINT}"
+OOM_SWEEP = f"choose fewer strengths, use fewer new tokens, or skip the sweep; {CPU_HINT}"
 
 
 def strength_range(mode: str, max_activation: float | None) -> float:
@@ -59,14 +66,41 @@ def _max_act(ctx: AppContext, feature: int) -> float | None:
     return float(rows["max_activation"].iloc[0]) if len(rows) else None
 
 
+def _default_feature(ctx: AppContext) -> int:
+    """The feature the lab starts from when none (or none that exists) is selected: the top output score, else 0."""
+    if ctx.data is not None and len(ctx.data.table):
+        return int(ctx.data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
+    return 0
+
+
 def _initial_rows(ctx: AppContext) -> list[dict]:
+    """One row from the shared selection; ids and strengths are checked (with a message) by :func:`_rows_editor`."""
     feature = st.session_state.get(FEATURE)
-    if feature is None and ctx.data is not None and len(ctx.data.table):
-        feature = int(ctx.data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
-    if feature is None or not 0 <= int(feature) < ctx.sae.width:
-        feature = 0
     strength = st.session_state.get(STRENGTH)
-    return [{"feature": int(feature), "strength": float(strength if strength is not None else DEFAULT_STRENGTH["paper"])}]
+    return [{"feature": _default_feature(ctx) if feature is None else feature,
+             "strength": DEFAULT_STRENGTH["paper"] if strength is None else strength}]
+
+
+def _checked_row(ctx: AppContext, row: dict, mode: str) -> None:
+    """Replace a feature id the SAE does not have, or a strength that is not a finite number, by the default,
+    saying so: a bad value from a link or the session must not turn silently into another one. Finite
+    strengths beyond the slider's range are clamped to it."""
+    width = ctx.sae.width
+    feature = row["feature"]
+    if isinstance(feature, numbers.Integral) and not isinstance(feature, bool) and 0 <= feature < width:
+        row["feature"] = int(feature)
+    else:
+        row["feature"] = _default_feature(ctx)
+        st.error(f"feature {feature!r} does not exist in SAE {ctx.sae.id}: use an id from 0 to {width - 1}; showing feature {row['feature']} instead")
+    try:
+        strength = float(row["strength"])
+    except (TypeError, ValueError):
+        strength = math.nan
+    if not math.isfinite(strength):
+        strength = DEFAULT_STRENGTH[mode]
+        st.error(f"strength {row['strength']!r} of feature {row['feature']} is not a finite number: refused, set to {strength:g}")
+    bound = strength_range(mode, _max_act(ctx, row["feature"]))
+    row["strength"] = min(max(-bound, strength), bound)
 
 
 COLORS = ("#7f7f7f", "#d62728")  # baseline, steered
@@ -108,9 +142,8 @@ def _rows_editor(ctx: AppContext, mode: str) -> list[dict]:
 
     remove = None
     for i, row in enumerate(rows):
-        row["feature"] = min(max(0, int(row["feature"])), width - 1)
+        _checked_row(ctx, row, mode)
         bound = strength_range(mode, _max_act(ctx, row["feature"]))
-        row["strength"] = min(max(-bound, float(row["strength"])), bound)
         st.session_state[f"lab_f{i}"] = row["feature"]
         st.session_state[f"lab_s{i}"] = row["strength"]
         c1, c2, c3, c4 = st.columns([2, 6, 4, 1])
@@ -147,7 +180,7 @@ def _demo_panel(ctx: AppContext) -> None:
     for col, (_, row) in zip(cols, presets.iterrows()):
         words = split_tokens(row["top_tokens"])[:4]
         with col.container(border=True):
-            st.markdown(f"**Feature {int(row['feature'])}** — the “{html.escape(words[0].strip())}” feature" if words else f"**Feature {int(row['feature'])}**")
+            st.markdown(f"**Feature {int(row['feature'])}** — the {md_token(words[0].strip())} feature" if words else f"**Feature {int(row['feature'])}**")
             st.markdown(
                 "Turning it up makes the model use words like " + ", ".join(md_token(w) for w in words) + ". "
                 f"Output score **{row['output_score']:.2f}** (how reliably turning it up changes what the model says); "
@@ -164,6 +197,24 @@ def _demo_panel(ctx: AppContext) -> None:
 def _precision_note(fast: bool) -> str:
     return ("Both columns: fast decode, a reduced-precision **bf16 copy of the whole model**." if fast
             else "Both columns: the exact float32 model.")
+
+
+@contextmanager
+def _shown_errors(what: str, hint: str) -> Iterator[None]:
+    """Show bad input and out-of-memory errors raised inside the block as ``st.error`` (the page stays up);
+    ``what`` names the work that failed, ``hint`` what to reduce when memory ran out. Other errors propagate."""
+    cause = None
+    try:
+        yield
+    except ConfigError as exc:
+        st.error(str(exc))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        cause = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else exc.__class__.__name__
+    if cause is not None:
+        free_memory()  # outside the except block: the traceback, and the tensors its frames hold, are gone
+        st.error(f"Out of memory while {what} ({cause}): {hint}.")
 
 
 def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, clicked: float) -> None:
@@ -270,10 +321,8 @@ def render(ctx: AppContext) -> None:
     autorun = st.session_state.pop("lab_autorun", False)
     if st.button("Generate", type="primary", key="lab_go") or autorun:
         clicked = time.perf_counter()
-        try:
+        with _shown_errors("generating the baseline and steered texts", OOM_PAIR):
             _run_pair(ctx, prompt, params, fast, clicked)
-        except ConfigError as exc:
-            st.error(str(exc))
     else:
         _show_last()
     _last_summary(ctx)
@@ -285,7 +334,7 @@ def render(ctx: AppContext) -> None:
         default = [s for s in SWEEP_DEFAULT if s in options] if mode == "paper" else options[:5]
         grid = st.multiselect("Strengths", options, default=default, key=f"lab_grid_{mode}")
         if st.button("Run sweep", key="lab_sweep") and grid:
-            with st.spinner(f"Generating {len(grid)} continuations…"):
+            with st.spinner(f"Generating {len(grid)} continuations…"), _shown_errors(f"running the sweep ({len(grid)} continuations in one batch)", OOM_SWEEP):
                 st.session_state["lab_sweep_result"] = run_sweep(ctx, prompt, [int(r["feature"]) for r in rows], sorted(grid), params)
         result = st.session_state.get("lab_sweep_result")
         if result is not None:
