@@ -6,7 +6,9 @@ The SAE is random (sae-lens TopK, width 4096, layer 5): it only prices the hook,
 Decoding goes through the library's own loop (``_decoding`` + ``_decode_loop``: lock, model choice, hook,
 KV cache), greedy, without detokenization. Runs are interleaved and repeated; the script prints the median
 of each, ratios measured in this run, the one-off cost of the bf16 copy, and how many leading greedy tokens
-the fast path shares with float32.
+the fast path shares with float32. Greedy fast decoding takes its tokens from the int4-screened float32 head
+(``saesteer.fasthead``); the last block counts how often that head, and a plain bf16 head, pick the float32
+head's token on held-out text.
 
     nice -n 15 python benchmarks/bench_decode.py [--tokens 32] [--repeats 3]
 """
@@ -107,6 +109,51 @@ def main() -> None:
     print(f"  pair fp32 rows == single fp32 runs: {pair32[0] == tokens['single unsteered fp32'][0] and pair32[1] == tokens['single steered   fp32'][0]}")
     print(f"  pair fast rows == single fast runs: {pairf[0] == tokens['single unsteered fast'][0] and pairf[1] == tokens['single steered   fast'][0]}"
           " (not guaranteed: bf16 kernels may round batch 1 and batch 2 differently)")
+    head_agreement(lm)
+
+
+def head_agreement(lm, n_seqs: int = 16) -> None:
+    """Next-token argmax at held-out corpus positions: the fast path's int4-screened head and a plain bf16
+    head, both on the bf16 copy's hidden states, against the float32 head on the same states; and the
+    batch-1 time of each head."""
+    from itertools import islice
+
+    import torch.nn.functional as F
+
+    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import iter_bundled
+    from saesteer.fasthead import available, screened_head
+    from saesteer.steering import fast_model
+
+    if not available(lm.device):
+        print("\nint4 kernels unavailable here: the fast path uses the bf16 head")
+        return
+    fast = fast_model(lm)
+    head = screened_head(lm.model, lm.lm_head.weight)
+    seqs = list(islice(pack_sequences(lm.tokenizer, iter_bundled("heldout"), 128), n_seqs))
+    with torch.no_grad():
+        hidden = fast.get_decoder()(input_ids=torch.tensor(seqs)).last_hidden_state[:, 1:].reshape(-1, lm.d_model)
+        w32, w16 = lm.lm_head.weight.float(), fast.lm_head.weight
+        exact = torch.cat([(h.float() @ w32.T).argmax(-1) for h in hidden.split(256)])
+        screened = torch.cat([head.argmax(h) for h in hidden.split(256)])
+        bf16 = torch.cat([F.linear(h, w16).float().argmax(-1) for h in hidden.split(256)])
+
+        def ms(fn, n: int = 20) -> float:
+            fn()
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return 1000 * statistics.median(ts)
+
+        h1 = hidden[:1]
+        times = {"fp32": ms(lambda: h1.float() @ w32.T), "bf16": ms(lambda: F.linear(h1, w16)), "int4-screened": ms(lambda: head.argmax(h1))}
+    n = len(hidden)
+    print(f"\nnext-token argmax on {n} held-out positions (bf16 copy's hidden states) vs the float32 head:")
+    print(f"  int4-screened head (fast path, {head.candidates} candidates rescored in fp32): {int((screened == exact).sum())}/{n} equal")
+    print(f"  plain bf16 head:                                          {int((bf16 == exact).sum())}/{n} equal")
+    print("  batch-1 head time (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ from conftest import make_tiny_model, make_tiny_sae
 from saesteer.config import ConfigError, SteerParams
 from saesteer.saes import SaeLoadError
 from saesteer.steering import (
+    _decode_loop,
+    _eos_ids,
     _forward_last,
     capture_residuals,
     decoding_model,
+    encode_prompts,
     fast_model,
     generate,
     generate_pair,
@@ -445,3 +448,53 @@ def test_fast_path_steers_the_copy_and_leaves_no_hooks(fresh_lm, tiny_sae):
         raise KeyError("boom")
     assert_no_hooks(lm)
     assert_no_hooks(SimpleNamespace(model=fast))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast greedy head: int4 screen + exact float32 rescoring (fasthead.py) against the plain float32 head
+
+
+def _plain_fast_greedy(lm, prompt: str, n: int) -> list[int]:
+    """The obvious implementation of fast greedy decoding: the bf16 copy's decoder, then the full float32
+    unembedding of its hidden state and an argmax, one token at a time without a KV cache."""
+    fast = fast_model(lm)
+    ids = lm.tokenizer(prompt)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            h = fast.get_decoder()(input_ids=torch.tensor([ids + out])).last_hidden_state[0, -1].float()
+            out.append(int((h @ lm.lm_head.weight.float().T).argmax()))
+    return out
+
+
+def test_screened_head_picks_the_float32_argmax():
+    from saesteer import fasthead
+
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 128) * 0.05  # a vocabulary that is not a multiple of the kernel's tile
+    head = fasthead.ScreenedHead(weight, candidates=16)
+    hidden = (torch.randn(300, 128) * 3).to(torch.bfloat16).float()
+    assert torch.equal(head.argmax(hidden), (hidden @ weight.T).argmax(dim=-1))
+    approx = head.approx(hidden)
+    assert approx.shape == (300, 1000) and approx.dtype == torch.float32
+    rel = (approx - hidden @ weight.T).norm() / (hidden @ weight.T).norm()
+    assert 1e-3 < rel < 0.2  # a real 4-bit approximation, rescored exactly above
+    with pytest.raises(ValueError, match="multiple of the int4 group"):
+        fasthead.ScreenedHead(torch.randn(10, 100))
+
+
+def test_fast_greedy_decoding_equals_the_plain_float32_head_on_the_bf16_copy():
+    from saesteer import fasthead
+
+    lm = make_tiny_model()
+    assert fasthead.available(lm.device)
+    fast_model(lm)
+    assert fasthead.screened_head(lm.model, lm.lm_head.weight) is fasthead.screened_head(lm.model, lm.lm_head.weight)
+    for prompt in PROMPTS[:3]:
+        ids = encode_prompts(lm, [prompt])
+        with lm.lock:
+            got = [int(t) for t in _decode_loop(lm, ids, max_new_tokens=10, temperature=0.0, seed=0, model=fast_model(lm))]
+        want = _plain_fast_greedy(lm, prompt, 10)
+        eos = set(_eos_ids(lm))
+        cut = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))
+        assert got == want[:cut]
