@@ -440,7 +440,7 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
     assert len(lora["lora_losses"]) == TINY.lora.steps
     assert res.meta["ppl_ref"] > 0
     assert any("zebra: skipped" in line for line in logs)
-    assert list_runs([out.parent]) == [out]
+    assert list_runs([out]) == [out]
 
 
 def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
