@@ -842,12 +842,13 @@ def eval_roots() -> list[Path]:
 
 
 def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:
-    """Evaluation directories (holding meta.json and units/) under ``roots`` (default :func:`eval_roots`),
-    at any depth; sorted by path."""
+    """Evaluation directories (holding meta.json and units/, or a packed run's units.parquet) under ``roots``
+    (default :func:`eval_roots`), at any depth; sorted by path, numbers in natural order (L2 before L11)."""
     roots = eval_roots() if roots is None else [Path(r) for r in roots]
     found = {p.parent for r in roots if Path(r).exists() for p in Path(r).rglob("meta.json")
              if (p.parent / "units").is_dir() or (p.parent / PACKED_UNITS).is_file()}
-    return sorted(found)
+    # natural order: L2 before L11
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
 def load_results(out: str | Path) -> EvalResults:
