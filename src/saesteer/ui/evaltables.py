@@ -121,7 +121,8 @@ def concept_picks(results: EvalResults, top_tokens: Mapping[int, str] | None = N
         return pd.DataFrame(columns=["concept", "candidates"])
     done = units[(units["status"] == "done") & units["method"].isin(SAE_METHODS)]
     summary = results.summary()
-    scored = summary.set_index(["concept", "method"]) if len(summary) else None
+    scored = ({(c, m): (cs, cb) for c, m, cs, cb in zip(summary["concept"], summary["method"], summary["concept_score"], summary["combined"])}
+              if len(summary) else {})
     rows = []
     for concept, part in done.groupby("concept", sort=False):
         row: dict = {"concept": concept, "candidates": int(part["n_candidates"].max()) if "n_candidates" in part else None}
@@ -138,9 +139,8 @@ def concept_picks(results: EvalResults, top_tokens: Mapping[int, str] | None = N
             row[f"{p}: output score"] = float(u.get("output_score", math.nan))
             row[f"{p}: input score"] = float(u.get("input_score", math.nan))
             row[f"{p}: strength"] = float(u.get("best_strength", math.nan))
-            if scored is not None and (concept, m) in scored.index:
-                row[f"{p}: concept score"] = float(scored.loc[(concept, m), "concept_score"])
-                row[f"{p}: combined"] = float(scored.loc[(concept, m), "combined"])
+            if (concept, m) in scored:
+                row[f"{p}: concept score"], row[f"{p}: combined"] = (float(v) for v in scored[(concept, m)])
         if "sae_output" in by_method.index and "sae_input" in by_method.index:
             row["same feature"] = bool(int(by_method.loc["sae_output", "feature"]) == int(by_method.loc["sae_input", "feature"]))
         rows.append(row)

@@ -244,11 +244,11 @@ def _show_run(ctx: AppContext, entry: RunEntry, results: evaluate.EvalResults, p
     st.subheader("Methods")
     st.markdown(et.headline(table))
     st.dataframe(et.method_display(table), hide_index=True, column_config=_METHOD_COLUMNS, key="ev_methods")
-    st.download_button("Method table (CSV)", table.to_csv(index=False).encode(), file_name=f"eval-methods-{_slug(meta)}.csv",
+    st.download_button("Method table (CSV)", _csv(table), file_name=f"eval-methods-{_slug(meta)}.csv",
                        mime="text/csv", key="ev_methods_csv", on_click="ignore")
     figs, per_concept, generations, details = st.tabs(["Figures", "Per concept", "Generations", "Run details"])
     with figs:
-        _figures(results, table)
+        _figures(entry, results, table)
     with per_concept:
         _per_concept(ctx, results)
     with generations:
@@ -283,12 +283,17 @@ _METHOD_COLUMNS = {
 }
 
 
+def _csv(frame: pd.DataFrame):
+    """The CSV of ``frame`` for a download button, built only when the user clicks (not on every rerun)."""
+    return lambda: frame.to_csv(index=False).encode()
+
+
 def _slug(meta: dict) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{meta.get('model')}-{meta.get('sae_id')}")[:80]
 
 
-def _figures(results: evaluate.EvalResults, table: pd.DataFrame) -> None:
-    figs = evaluate.figures(results)
+def _figures(entry: RunEntry, results: evaluate.EvalResults, table: pd.DataFrame) -> None:
+    figs = loaders.eval_figures(str(entry.path), loaders.eval_stamp(entry.path))
     st.plotly_chart(evaluate.fig_methods(table), key="ev_fig_methods")
     st.markdown("**Strength curves** (train half): the strength with the best combined score is the one reported.")
     st.plotly_chart(figs["strength_sae"], key="ev_fig_strength_sae")
@@ -323,12 +328,12 @@ def _per_concept(ctx: AppContext, results: evaluate.EvalResults) -> None:
     config |= {c: st.column_config.NumberColumn(format="percent") for c in picks.columns if c.endswith("concept score")}
     config |= {c: st.column_config.NumberColumn(format="%d") for c in picks.columns if c.endswith("feature")}
     st.dataframe(picks, hide_index=True, column_config=config, key="ev_picks")
-    st.download_button("Picks (CSV)", picks.to_csv(index=False).encode(), file_name=f"eval-picks-{_slug(meta)}.csv", mime="text/csv",
+    st.download_button("Picks (CSV)", _csv(picks), file_name=f"eval-picks-{_slug(meta)}.csv", mime="text/csv",
                        key="ev_picks_csv", on_click="ignore")
     st.markdown("**Every method per concept** (test half, at the chosen strength)")
     per = et.concept_results(results)
     st.dataframe(per, hide_index=True, key="ev_concepts")
-    st.download_button("Per-concept results (CSV)", per.to_csv(index=False).encode(), file_name=f"eval-concepts-{_slug(meta)}.csv",
+    st.download_button("Per-concept results (CSV)", _csv(per), file_name=f"eval-concepts-{_slug(meta)}.csv",
                        mime="text/csv", key="ev_concepts_csv", on_click="ignore")
     skipped = et.skipped_concepts(results)
     if len(skipped):
@@ -341,8 +346,9 @@ def _generations(results: evaluate.EvalResults) -> None:
     if gens.empty:
         st.info("No generations yet.")
         return
-    concepts = list(dict.fromkeys(gens["concept"]))
-    methods = [m for m in evaluate.METHODS if m in set(gens["method"])]
+    concepts = list(pd.unique(gens["concept"].to_numpy(dtype=object)))
+    present = set(gens["method"].unique())
+    methods = [m for m in evaluate.METHODS if m in present]
     _valid("ev_gen_concept", concepts)
     _valid("ev_gen_methods", methods, multi=True)
     c1, c2, c3 = st.columns([2, 4, 2])
@@ -363,7 +369,7 @@ def _generations(results: evaluate.EvalResults) -> None:
             "combined": st.column_config.NumberColumn(format="%.2f"),
         },
     )
-    st.download_button("These generations (CSV)", view.to_csv(index=False).encode(), file_name=f"eval-generations-{_slug(results.meta)}.csv",
+    st.download_button("These generations (CSV)", _csv(view), file_name=f"eval-generations-{_slug(results.meta)}.csv",
                        mime="text/csv", key="ev_gens_csv", on_click="ignore")
 
 
@@ -388,7 +394,7 @@ def _run_details(results: evaluate.EvalResults, entry: RunEntry) -> None:
         st.caption(f"Concept list of the run ({goal.get('n_concepts') or 'all'} with candidates wanted):")
         st.dataframe(pd.DataFrame({"concept": goal["concepts"]}), hide_index=True, key="ev_goal_concepts")
     if len(results.generations):
-        st.download_button("All generations (CSV)", results.generations.to_csv(index=False).encode(), file_name=f"eval-all-generations-{_slug(meta)}.csv",
+        st.download_button("All generations (CSV)", _csv(results.generations), file_name=f"eval-all-generations-{_slug(meta)}.csv",
                            mime="text/csv", key="ev_all_gens_csv", on_click="ignore")
 
 
@@ -438,6 +444,6 @@ def _compare(runs: list[RunEntry]) -> None:
     shown = table[cols].assign(method=[et.label(m) for m in table["method"]])
     st.dataframe(shown, hide_index=True, key="ev_compare_table",
                  column_config={k: v for k, v in _METHOD_COLUMNS.items() if k in shown.columns and k != "method"})
-    st.download_button("Comparison (CSV)", table.to_csv(index=False).encode(), file_name="eval-comparison.csv", mime="text/csv",
+    st.download_button("Comparison (CSV)", _csv(table), file_name="eval-comparison.csv", mime="text/csv",
                        key="ev_compare_csv", on_click="ignore")
 
