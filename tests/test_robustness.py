@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -379,20 +378,20 @@ def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkey
 # 5. Faults: kill a scoring job midway, rerun it
 
 
-# Runs `python -m saesteer scores ...` (argv after the marker path); once the first chunk of output scores is
-# on disk it writes the marker and waits to be killed, before the next chunk starts.
+# Runs `python -m saesteer scores ...` (argv); once the first chunk of output scores is on disk it says so on
+# stdout and waits to be killed, before the next chunk starts.
 _STOP_AFTER_FIRST_CHUNK = """
 import sys, time
 from saesteer import store
 from saesteer.__main__ import main
 
-marker, argv = sys.argv[1], sys.argv[2:]
+argv = sys.argv[1:]
 save = store.Store.save_arrays
 
 def save_and_wait(self, key, name, arrays, compress=True):
     saved = save(self, key, name, arrays, compress)
     if name.startswith("output/"):
-        open(marker, "w").write(name)
+        print("FIRST-CHUNK-SAVED", name, flush=True)
         time.sleep(600)
     return saved
 
@@ -414,21 +413,21 @@ def test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run(tiny_lm, tmp
             "--context-size", "32", "--device", "cpu"]
 
     env = {**os.environ, "SAESTEER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    marker = tmp_path / "first-chunk-written"
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_AFTER_FIRST_CHUNK, str(marker), *args, "--out", str(tmp_path / "killed.parquet")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed-job.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _STOP_AFTER_FIRST_CHUNK, *args, "--out", str(tmp_path / "killed.parquet")],
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        deadline = time.time() + 180
-        while not marker.exists():
-            assert proc.poll() is None, f"the job ended before its first chunk: {proc.stderr.read().decode()[-2000:]}"
-            assert time.time() < deadline, "the job wrote no chunk in time"
-            time.sleep(0.05)
+        # readline blocks until the job reports its first chunk, or returns "" once the job has ended
+        while (line := proc.stdout.readline()) and not line.startswith("FIRST-CHUNK-SAVED"):
+            pass
+        assert line, f"the job ended before its first chunk: {log.read_text()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
+        proc.stdout.close()
     assert not (tmp_path / "killed.parquet").exists()
     chunks = sorted(p.name for p in cache.rglob("output/*.npz"))
     C = features_mod.OUTPUT_CHUNK
