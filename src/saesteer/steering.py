@@ -219,9 +219,9 @@ def fast_model(lm: LoadedModel) -> nn.Module:
     ``lm.model``), and **precision**: greedy text follows float32 for the first few tokens, then may take
     another (still fluent) path, so compare fast runs only with fast runs. A model whose parameters are
     already bf16 is its own fast copy. Greedy decoding on the copy (on a CPU) takes the next token from
-    :mod:`saesteer.fasthead`: the exact float32 unembedding of the bf16 hidden state, screened by a 4-bit copy of
-    it (≈ 85 MB more; about half the time of the bf16 head). The copy is made under ``lm.lock`` (no other thread's hook can be
-    copied along) and is shared like the model: forwards on it hold ``lm.lock`` too.
+    :mod:`saesteer.fasthead`: the exact float32 unembedding of the bf16 hidden state, screened by a 4-bit
+    copy of it (≈ 85 MB more; about half the time of the bf16 head). The copy is made under ``lm.lock`` (no
+    other thread's hook can be copied along) and is shared like the model: forwards on it hold ``lm.lock`` too.
     """
     if all(p.dtype == FAST_DTYPE for p in lm.model.parameters() if p.is_floating_point()):
         return lm.model  # not cached: a value that refers to its weak key would keep the model alive
@@ -441,8 +441,8 @@ def generate(
     still installs the hook and leaves the output identical to the baseline. ``seed``: an int seeds one
     generator for the batch; one int per prompt gives each row its own generator (the row then samples as
     it would alone). ``fast`` decodes batches of up to ``FAST_MAX_BATCH`` rows on the bf16 copy of the
-    whole model (:func:`fast_model`: about 2× faster single-stream on CPU, 0.54 GB more memory for Gemma 3
-    270M; text may depart from float32 after a few tokens, so compare fast runs only with fast runs);
+    whole model (:func:`fast_model`: about 2.5× faster single-stream on CPU, 0.54 GB more memory for Gemma 3
+    270M; text may depart from float32 after a while, so compare fast runs only with fast runs);
     ``fast=False`` is the exact float32 path. Holds ``lm.lock`` for the whole generation.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
 
 from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError, SteerParams
 from . import (
@@ -69,14 +68,12 @@ def params_from_args(args: argparse.Namespace) -> SteerParams:
     )
 
 
-def fit_context(lm, params: SteerParams) -> SteerParams:
-    """``params`` with the prompt limit lowered so that prompt + continuation fit the model's positions."""
+def check_context(lm, params: SteerParams) -> None:
+    """Refuse ``--max-new-tokens`` that the model's positions cannot hold, naming the flag (the prompt limit
+    itself, context − new tokens, is applied by ``steering.encode_prompts``)."""
     context = lm.context_length
-    if context is None:
-        return params
-    if params.max_new_tokens >= context:
+    if context is not None and params.max_new_tokens >= context:
         raise ConfigError(f"--max-new-tokens {params.max_new_tokens} does not fit model '{lm.name}', whose context is {context} tokens: use fewer")
-    return replace(params, max_prompt_tokens=min(params.max_prompt_tokens, context - params.max_new_tokens))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         for f in params.features:
             sae.check_feature(f)
-        params = fit_context(lm, params)
+        check_context(lm, params)
         baseline, steered = steering.generate_pair(lm, sae, args.prompt, params, fast=args.fast_decode)
     except USER_ERRORS as exc:
         return fail(str(exc))
