@@ -35,6 +35,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
+def describe(exc: BaseException) -> str:
+    """A one-line cause for messages: the exception's class and the first line of its text (160 characters)."""
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else exc.__class__.__name__
+
+
 def free_memory() -> None:
     """Drop unreachable tensors and return cached device blocks, so that a smaller batch can be allocated."""
     gc.collect()
@@ -62,7 +67,7 @@ def for_each_batch(n: int, batch_size: int, step: Callable[[int, int], None], wh
             if not is_out_of_memory(exc):
                 raise
             if stop - start <= 1:
-                cause = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else exc.__class__.__name__
+                cause = describe(exc)
                 raise OutOfMemory(
                     f"out of memory even at batch size 1 ({what}; the batch was halved from {batch_size} after each failure; {cause}): {hint}"
                 ) from exc

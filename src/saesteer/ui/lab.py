@@ -21,7 +21,7 @@ from ..config import (
     ConfigError,
     SteerParams,
 )
-from ..memory import free_memory, is_out_of_memory
+from ..memory import describe, free_memory, is_out_of_memory
 from ..steering import generate, stream_pair
 from .card import LAB_ROWS
 from .context import FEATURE, MODE, PROMPT, STRENGTH, AppContext
@@ -212,7 +212,7 @@ def _shown_errors(what: str, hint: str) -> Iterator[None]:
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
-        cause = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else exc.__class__.__name__
+        cause = describe(exc)
     if cause is not None:
         free_memory()  # outside the except block: the traceback, and the tensors its frames hold, are gone
         st.error(f"Out of memory while {what} ({cause}): {hint}.")
