@@ -39,7 +39,7 @@ class ScreenedHead:
         vocab, d = w.shape
         if d % GROUP:
             raise ValueError(f"the model width {d} is not a multiple of the int4 group size {GROUP}")
-        self.vocab, self.d, self.groups = vocab, d, d // GROUP
+        self.vocab, self.groups = vocab, d // GROUP
         self.candidates = max(1, min(candidates, vocab))
         self.weight = weight.detach()  # the exact rows (shared with the model, not copied)
         padded = -(-vocab // _PAD) * _PAD
