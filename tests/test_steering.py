@@ -16,7 +16,8 @@ from saesteer.config import ConfigError, SteerParams
 from saesteer.saes import SaeLoadError
 from saesteer.steering import (
     _decode_loop,
-    _forward_last,
+    _head_logits,
+    _last_hidden,
     capture_residuals,
     decoding_model,
     encode_prompts,
@@ -156,13 +157,49 @@ def test_no_hook_left_after_normal_exit_and_exception(tiny_lm, tiny_sae):
     tiny_lm.lock.release()
 
 
-def test_generate_matches_transformers_generate(tiny_lm):
-    """The manual KV-cache loop (left padding, positions, EOS) against transformers' own greedy generate."""
-    ids, mask = batch(tiny_lm, PROMPTS)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_generate_matches_transformers_generate(monkeypatch, softcap):
+    """The manual KV-cache loop (left padding, positions, EOS) and its blocked greedy head (blocks of 7
+    vocabulary rows here, so that the argmax crosses many blocks) against transformers' own greedy generate."""
+    from saesteer import fasthead
+
+    lm = make_tiny_model(softcap=softcap)
+    monkeypatch.setattr(fasthead, "EXACT_BLOCK", 7)
+    ids, mask = batch(lm, PROMPTS)
     with torch.no_grad():
-        ref = tiny_lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
-    expected = tiny_lm.tokenizer.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)
-    assert generate(tiny_lm, PROMPTS, max_new_tokens=15) == expected
+        ref = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
+    expected = lm.tokenizer.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)
+    assert generate(lm, PROMPTS, max_new_tokens=15) == expected
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("block", [1, 5, 64, 10_000])
+def test_exact_blocked_argmax_equals_the_full_argmax(monkeypatch, softcap, block):
+    """Bit for bit the argmax of the full logits: the first index among ties (a duplicated vocabulary row in
+    another block; with a tight soft-cap, values that tanh rounds together), a bias, and NaN counted as the
+    largest value (as torch.argmax does)."""
+    from saesteer import fasthead
+
+    monkeypatch.setattr(fasthead, "EXACT_BLOCK", block)
+    torch.manual_seed(0)
+    weight = torch.randn(300, 32)
+    weight[250] = weight[3]  # ties across blocks: the earlier row must win
+    weight[120] = weight[3]
+    bias = torch.randn(300) * 0.1
+    hidden = torch.randn(64, 32) * 4
+    hidden[5] = weight[3] * 10  # row 5 picks the tied rows
+    hidden[6] = float("nan")  # all-NaN logits: index 0
+    for b in (None, bias):
+        full = hidden @ weight.T + (0 if b is None else b)
+        if softcap:
+            full = torch.tanh(full / softcap) * softcap
+        got = fasthead.exact_argmax(hidden, weight, b, softcap)
+        assert torch.equal(got, full.argmax(dim=-1))
+    assert int(fasthead.exact_argmax(hidden, weight)[5]) == 3
+    partial = hidden[:2].clone()
+    partial_nan = weight.clone()
+    partial_nan[200] = float("nan")  # a NaN logit in a later block wins, as in torch.argmax
+    assert torch.equal(fasthead.exact_argmax(partial, partial_nan), (partial @ partial_nan.T).argmax(dim=-1))
 
 
 def test_per_row_strengths_equal_rows_generated_one_by_one(tiny_lm, tiny_sae):
@@ -417,8 +454,8 @@ def test_fast_copy_logits_are_float32_and_close(softcap):
     ids, mask = batch(lm, PROMPTS[:2])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        exact, _ = _forward_last(lm.model, ids, mask, pos, None)
-        fast, _ = _forward_last(fast_model(lm), ids, mask, pos, None)
+        exact = _head_logits(lm.model, _last_hidden(lm.model, ids, mask, pos, None)[0], softcap)
+        fast = _head_logits(fast_model(lm), _last_hidden(fast_model(lm), ids, mask, pos, None)[0], softcap)
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
     assert not torch.equal(fast, exact)  # the fast path is really taken

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import fasthead
 from .config import MAX_ABS_STRENGTH, ConfigError, SteerMode, SteerParams
 from .hookpoints import resolve_module
 from .models import LoadedModel
@@ -306,24 +307,30 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], max_prompt_tokens: i
     return out
 
 
-def _forward_last(model: nn.Module, input_ids, attention_mask, position_ids, cache):
-    """Logits at the last position (batch, vocab) in float32, and the updated KV cache.
+def _last_hidden(model: nn.Module, input_ids, attention_mask, position_ids, cache):
+    """Final-normed hidden states at the last position (batch, d) and the updated KV cache.
 
-    ``model`` is ``lm.model`` (exact) or its bf16 fast copy, whose logits (soft-capped in bf16 by the model
-    itself) are cast to float32 here.
+    The head runs outside the model, on these contiguous (batch, d) states: the model's own
+    ``logits_to_keep=1`` slices a (batch, 1, d) view, which torch multiplies as a batched matmul against the
+    weight broadcast per row, 9× slower than one matrix product at 440 rows (24.7 s vs 2.7 s per call).
     """
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1
-    )
-    return out.logits[:, -1].float(), out.cache
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    return out.last_hidden_state[:, -1].contiguous(), out.cache
+
+
+def _head_logits(model: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """float32 logits (batch, vocab) of final-normed ``hidden`` (batch, d), soft-capped in the head's dtype as
+    the model itself does (a bf16 fast copy's logits are cast to float32 after its own bf16 soft-cap)."""
+    logits = model.get_output_embeddings()(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
 
 
 def _greedy_head(lm: LoadedModel, model: nn.Module):
     """The int4-screened greedy head for decoding on the fast copy ``model`` on a CPU, else None (the exact
     path, GPUs, heads with a bias, widths the int4 kernel cannot group). Soft-capping is monotone: the argmax
     of the capped logits is the argmax of the raw ones."""
-    from . import fasthead
-
     if model is lm.model or not fasthead.available(lm.device) or lm.d_model % fasthead.GROUP:
         return None
     if getattr(lm.lm_head, "bias", None) is not None or not hasattr(model, "get_decoder"):
@@ -389,16 +396,16 @@ def _decode_loop(
         generators = [torch.Generator(device=device).manual_seed(int(x)) for x in (seeds if seeds is not None else [seed])]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = None
-    head = _greedy_head(lm, model) if generators is None else None
+    screened = _greedy_head(lm, model) if generators is None else None
+    head = model.get_output_embeddings()
     for step in range(max_new_tokens):
-        if head is not None:  # fast greedy: int4-screened argmax of the exact float32 head (fasthead.py)
-            out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
-            nxt, cache = head.argmax(out.last_hidden_state[:, -1]), out.cache
-        elif generators is None:
-            logits, cache = _forward_last(model, input_ids, mask, position_ids, cache)  # (batch, vocab)
-            nxt = logits.argmax(dim=-1)
+        hidden, cache = _last_hidden(model, input_ids, mask, position_ids, cache)
+        if screened is not None:  # fast greedy: int4-screened argmax of the exact float32 head (fasthead.py)
+            nxt = screened.argmax(hidden)
+        elif generators is None:  # exact greedy: the float32 head in vocabulary blocks, never all logits at once
+            nxt = fasthead.exact_argmax(hidden, head.weight, getattr(head, "bias", None), lm.softcap)
         else:
-            logits, cache = _forward_last(model, input_ids, mask, position_ids, cache)
+            logits = _head_logits(model, hidden, lm.softcap)
             nxt = _sample(torch.softmax(logits / temperature, dim=-1), generators)
         yield nxt
         done |= torch.isin(nxt, eos)
