@@ -185,8 +185,14 @@ def test_select_features_without_candidates_or_input_scores_is_skipped():
 # Fast paths against references
 
 
+@pytest.mark.parametrize("block", [7, 100_000])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_continuation_nll_matches_full_forward_per_row(softcap):
+def test_continuation_nll_matches_full_forward_per_row(monkeypatch, softcap, block):
+    """Against a full-logits forward per row and a float64 log-softmax; with vocabulary blocks of 7 rows the
+    running log-sum-exp crosses many blocks."""
+    import saesteer.evaluate as E
+
+    monkeypatch.setattr(E, "VOCAB_BLOCK", block)
     lm = make_tiny_model(softcap=softcap) if softcap else make_tiny_model()
     prefixes = ["findings show that", "the king", "i once heard that the sun", "a"]
     conts = ["the apple was red", "of france", "", "dog dog dog dog dog dog dog"]

