@@ -4,6 +4,8 @@ invariants, and the whole protocol (with resume) on the tiny model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import math
 
@@ -18,6 +20,7 @@ from saesteer.baselines import (
     add_vector,
     diffmean,
     lora_adapter,
+    lora_rows,
     mention_pattern,
     mine_sentences,
     residual_mean,
@@ -268,6 +271,36 @@ def test_lora_adapter_trains_and_leaves_the_model_unchanged():
     assert not any(p.requires_grad for p in lm.model.parameters())
 
 
+def test_lora_rows_decode_as_the_peft_model_row_by_row():
+    """Two adapters and an unadapted row in one batch: each row decodes what the peft model (or the plain
+    model) decodes for it alone, logits equal bit for bit."""
+    lm = make_tiny_model(seed=1)
+    prompts = ["findings show that", "the king of france was", "i once heard that"]
+    params = LoraParams(rank=2, steps=3, lr=5e-2, batch_size=2)
+    solo, reports = [], []
+    for i, texts in enumerate((["the apple was red.", "an apple tree is big."], ["the king ruled.", "a king and a queen."])):
+        with lora_adapter(lm, 2, texts, params, seed=0) as report:
+            solo.append(generate(lm, prompts[i], max_new_tokens=8)[0])
+            ids = torch.tensor([lm.tokenizer(prompts[i]).input_ids])
+            with torch.no_grad():
+                logits = lm.model(input_ids=ids).logits
+        reports.append((report, logits))
+        assert set(report.weights) == set(report.targets)
+    plain = generate(lm, prompts[2], max_new_tokens=8)[0]
+    assert solo[0] != generate(lm, prompts[0], max_new_tokens=8)[0]  # the adapter changes the text
+    with lora_rows(lm, [(reports[0][0], [0]), (reports[1][0], [1])]):
+        mixed = generate(lm, prompts, max_new_tokens=8)
+    assert mixed == [solo[0], solo[1], plain]
+    for i in range(2):  # one row alone, logits bit for bit
+        ids = torch.tensor([lm.tokenizer(prompts[i]).input_ids])
+        with lora_rows(lm, [(reports[i][0], [0])]), torch.no_grad():
+            torch.testing.assert_close(lm.model(input_ids=ids).logits, reports[i][1], rtol=0, atol=0)
+    assert_no_hooks(lm)
+    with pytest.raises(ConfigError, match="LoRA rows up to 5"), lora_rows(lm, [(reports[0][0], [5])]):
+        generate(lm, prompts[:2], max_new_tokens=2)
+    assert_no_hooks(lm)
+
+
 def test_mine_sentences_reservoir_and_neutral_pool():
     mined = mine_sentences(["apple", "king"], DOCS, n=3, n_neutral=4, seed=0)
     assert len(mined.positive["apple"]) == 3 and len(mined.positive["king"]) == 3
@@ -358,6 +391,28 @@ def tiny_run(tmp_path_factory, tiny_lm, tiny_sae):
     res = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
                          n_concepts=2, docs=DOCS, log=logs.append)
     return res, scores, out, logs
+
+
+def test_concepts_batched_together_give_each_concept_its_solo_results(tiny_run, tiny_lm, tiny_sae, tmp_path):
+    """The shared fixture batches its two concepts (default concepts_per_batch=3: one decode call per phase
+    for both, DiffMean rows with per-concept vectors); run one concept at a time, in calls of at most 5 rows,
+    the texts are the same and the scores equal to float rounding of the perplexity passes."""
+    res, scores, _, _ = tiny_run
+    timed = res.timings
+    assert len(timed) == 1 and list(timed["concepts"].iloc[0]) == ["apple", "king"]  # one group
+    solo = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], tmp_path, replace(TINY, concepts_per_batch=1, batch_size=5),
+                          prefixes=PREFIXES, n_concepts=2, docs=DOCS)
+    assert len(solo.timings) == 2
+    keys = ["concept", "method", "split", "prefix_idx", "strength"]
+    a = res.generations.sort_values(keys).reset_index(drop=True)
+    b = solo.generations.sort_values(keys).reset_index(drop=True)
+    assert a[keys + ["text", "feature", "mentions", "success_k", "n_tokens"]].equals(b[keys + ["text", "feature", "mentions", "success_k", "n_tokens"]])
+    for col in ("ppl", "fluency", "combined", "concept_score"):
+        np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-4, equal_nan=True)
+    cols = ["concept", "method", "status", "feature", "best_strength"]
+    ua = res.units.sort_values(["concept", "method"]).reset_index(drop=True)
+    ub = solo.units.sort_values(["concept", "method"]).reset_index(drop=True)
+    assert ua[cols].equals(ub[cols])
 
 
 def test_protocol_rows_follow_the_split_and_the_chosen_strength(tiny_run):

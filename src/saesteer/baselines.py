@@ -26,7 +26,7 @@ import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -35,7 +35,7 @@ from torch import nn
 from .config import ConfigError
 from .corpus import Doc
 from .models import LoadedModel
-from .steering import capture_residuals, residual_edit, run_until_stop
+from .steering import capture_residuals, output_edits, residual_edit, run_until_stop
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 _WORD = re.compile(r"\w+")
@@ -232,16 +232,20 @@ def diffmean(concept: ResidualMean, neutral: ResidualMean) -> DiffMean:
 
 @contextmanager
 def add_vector(lm: LoadedModel, layer: int, vector: torch.Tensor, coeffs: torch.Tensor) -> Iterator[None]:
-    """Add ``coeffs[b] · vector`` to every position of row b of the residual stream after block ``layer``
-    (additive steering with a free vector); holds ``lm.lock``. The batch of every forward must have
-    ``len(coeffs)`` rows, as ``steering.generate`` keeps its prompts in order in one batch."""
-    vec = vector.to(lm.device, lm.dtype)  # (d_model,)
+    """Add ``coeffs[b] · vector`` (or ``coeffs[b] · vector[b]`` for per-row vectors (batch, d_model)) to every
+    position of row b of the residual stream after block ``layer`` (additive steering with a free vector);
+    holds ``lm.lock``. The batch of every forward must have ``len(coeffs)`` rows, as ``steering.generate``
+    keeps its prompts in order in one batch."""
+    vec = vector.to(lm.device, lm.dtype)  # (d_model,) or (batch, d_model)
     c = torch.as_tensor(coeffs, dtype=lm.dtype, device=lm.device).reshape(-1)  # (batch,)
+    if vec.dim() == 2 and vec.shape[0] != c.shape[0]:
+        raise ConfigError(f"{vec.shape[0]} per-row vectors but {c.shape[0]} per-row coefficients")
+    v = vec[:, None, :] if vec.dim() == 2 else vec
 
     def fn(x: torch.Tensor) -> torch.Tensor:  # (batch, pos, d_model)
         if x.shape[0] != c.shape[0]:
             raise ConfigError(f"{c.shape[0]} per-row coefficients but the forward has batch {x.shape[0]}")
-        return x + c[:, None, None] * vec
+        return x + c[:, None, None] * v
 
     with lm.lock, residual_edit(lm.layers[layer], fn):
         yield
@@ -281,6 +285,8 @@ class LoraReport:
     losses: list[float]  # training loss per step
     n_params: int  # trainable parameters
     targets: list[str]  # adapted module names
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    """The trained adapter, module name -> (A (r, in), B (out, r), scaling): what :func:`lora_rows` applies."""
 
 
 def _linear_names(lm: LoadedModel, layer: int) -> list[str]:
@@ -323,9 +329,44 @@ def lora_adapter(lm: LoadedModel, layer: int, texts: Sequence[str], params: Lora
                     opt.step()
                     losses.append(float(loss.detach()))
             lm.model.eval()
+            weights = {}
+            for name, mod in lm.model.named_modules():
+                if name in targets and hasattr(mod, "lora_A"):
+                    weights[name] = (mod.lora_A["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone(), float(mod.scaling["default"]))
             with torch.no_grad():
-                yield LoraReport(losses, sum(p.numel() for p in trainable), targets)
+                yield LoraReport(losses, sum(p.numel() for p in trainable), targets, weights)
         finally:
             peft_model.unload()
             lm.model.train(was_training)
             lm.model.requires_grad_(False)
+
+
+@contextmanager
+def lora_rows(lm: LoadedModel, adapters: Sequence[tuple[LoraReport, Sequence[int]]]) -> Iterator[None]:
+    """Apply trained LoRA adapters (:class:`LoraReport` of :func:`lora_adapter`) each to its own rows of every
+    forward, so that one batch decodes rows of several adapters and unadapted rows together; holds ``lm.lock``.
+
+    Row b of adapter (A, B, s) on a linear layer with output y and input x gets ``y_b + B(A(x_b)) · s``, the
+    same operations in the same order as peft's LoRA layer: tested to decode the same text as the peft model.
+    """
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]]] = {}
+    for report, rows in adapters:
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=lm.device)
+        if not len(idx):
+            continue
+        for name, (a, b, scale) in report.weights.items():
+            per_module.setdefault(name, []).append((a.to(lm.device), b.to(lm.device), scale, idx))
+
+    def make(items):
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for a, b, scale, idx in items:
+                if int(idx.max()) >= y.shape[0]:
+                    raise ConfigError(f"LoRA rows up to {int(idx.max())} but the forward has batch {y.shape[0]}")
+                xa = x.index_select(0, idx).to(a.dtype)
+                y = y.index_add(0, idx, (torch.nn.functional.linear(torch.nn.functional.linear(xa, a), b) * scale).to(y.dtype))
+            return y
+
+        return fn
+
+    with lm.lock, output_edits([(lm.model.get_submodule(name), make(items)) for name, items in per_module.items()]):
+        yield

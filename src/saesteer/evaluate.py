@@ -48,6 +48,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,10 +58,12 @@ import torch
 
 from .baselines import (
     LoraParams,
+    LoraReport,
     add_vector,
     diffmean,
     generated_texts,
     lora_adapter,
+    lora_rows,
     mention_pattern,
     mine_sentences,
     residual_mean,
@@ -140,6 +143,10 @@ class EvalParams:
     """Rows per generate call: larger batches decode faster per token on a CPU (memory: 0.5 GiB of logits per
     512 rows); results do not depend on it. Out of memory, it is halved and the batch retried."""
 
+    concepts_per_batch: int = 3
+    """Concepts whose rows share each decode call and perplexity pass (LoRA apart): small calls are slow per
+    token on a CPU, so batching concepts speeds the run up; results do not depend on it."""
+
     def __post_init__(self) -> None:
         for name in ("strengths", "diffmean_coeffs"):
             vals = getattr(self, name)
@@ -156,11 +163,14 @@ class EvalParams:
             raise ConfigError(f"max_new_tokens must be from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
         if not 1 <= self.top_k <= 1000 or self.rep_n < 1 or self.batch_size < 1 or not self.ppl_max > 1:
             raise ConfigError("need 1 <= top_k <= 1000, rep_n >= 1, batch_size >= 1 and ppl_max > 1")
+        if isinstance(self.concepts_per_batch, bool) or not isinstance(self.concepts_per_batch, int) or self.concepts_per_batch < 1:
+            raise ConfigError(f"concepts_per_batch must be a whole number >= 1, got {self.concepts_per_batch!r}")
 
     def key(self) -> dict:
         """The settings that must match for --resume to continue a run."""
         d = asdict(self)
         d.pop("batch_size")
+        d.pop("concepts_per_batch")
         d["strengths"], d["diffmean_coeffs"], d["methods"] = list(self.strengths), list(self.diffmean_coeffs), sorted(self.methods)
         return d
 
@@ -404,6 +414,7 @@ class _Row:
     split: str
     prefix_idx: int
     prompt: str
+    concept: str = ""
 
 
 def slug(concept: str) -> str:
@@ -519,44 +530,59 @@ class Evaluation:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def _generate(self, rows: list[_Row], feats: Sequence[int] = (), vector: torch.Tensor | None = None) -> tuple[list[str], float, int]:
-        """Continuations of ``rows`` in calls of ``batch_size`` rows. A row of an SAE method steers (paper mode)
-        with its own feature at its strength and 0 for the others; a DiffMean row adds ``strength · vector`` at
-        every position; any other row is unsteered. Mixing them in one call is exact: a zero strength or
-        coefficient leaves its row unchanged, and larger batches decode faster per token. Rows that would
-        decode the same thing (two methods that picked the same feature) are decoded once."""
+    def _generate(self, rows: list[_Row], feats: Sequence[int] = (), vectors: dict[str, torch.Tensor] | None = None,
+                  loras: dict[str, LoraReport] | None = None) -> tuple[list[str], float, int]:
+        """Continuations of ``rows`` in calls of at most ``batch_size`` rows. A row of an SAE method steers (paper
+        mode) with its own feature at its strength and 0 for the others; a DiffMean row adds ``strength ·
+        vectors[row.concept]`` at every position; a LoRA row runs with the adapter ``loras[row.concept]`` on its
+        row only (``baselines.lora_rows``); any other row is unsteered. Mixing them (and concepts) in one call
+        is exact: a zero strength or coefficient leaves its row unchanged, rows do not interact, and larger
+        batches decode faster per token. Rows that would decode the same thing (two methods or concepts that
+        picked the same feature) are decoded once."""
         from .steering import generate
 
         def key(r: _Row) -> tuple:
             if r.method in SAE_METHODS:
                 return ("sae", r.feature, r.strength, r.prompt)
-            return ("diffmean", r.strength, r.prompt) if r.method == "diffmean" else ("plain", r.prompt)
+            if r.method in ("diffmean", "lora"):
+                return (r.method, r.concept, r.strength, r.prompt)
+            return ("plain", r.prompt)
 
         unique = list(dict.fromkeys(key(r) for r in rows))
+        feats = list(feats)
         sae_rows = torch.zeros(len(unique), len(feats))
-        vec_rows = torch.zeros(len(unique))
+        vec_rows = torch.zeros(len(unique), self.lm.d_model)
         for i, k in enumerate(unique):
             if k[0] == "sae":
-                sae_rows[i, list(feats).index(k[1])] = k[2]
+                sae_rows[i, feats.index(k[1])] = k[2]
             elif k[0] == "diffmean":
-                vec_rows[i] = k[1]
+                vec_rows[i] = k[2] * vectors[k[1]].float().cpu()
         texts: list[str] = [""] * len(unique)
         t0 = time.perf_counter()
         common = {"max_new_tokens": self.params.max_new_tokens, "temperature": 0.0, "seed": self.params.seed}
 
         def step(s: int, e: int) -> None:
             prompts = [k[-1] for k in unique[s:e]]
-            steer = {"sae": self.sae, "features": list(feats), "strengths": sae_rows[s:e], "mode": "paper"} if len(feats) else {}
-            if vector is not None and bool(vec_rows[s:e].any()):
-                with add_vector(self.lm, self.sae.layer, vector, vec_rows[s:e]):
-                    texts[s:e] = generate(self.lm, prompts, **steer, **common)
-            else:
+            steer = {"sae": self.sae, "features": feats, "strengths": sae_rows[s:e], "mode": "paper"} if feats else {}
+            adapters: dict[str, list[int]] = {}
+            for j, k in enumerate(unique[s:e]):
+                if k[0] == "lora":
+                    adapters.setdefault(k[1], []).append(j)
+            with ExitStack() as stack:
+                if bool(vec_rows[s:e].any()):
+                    stack.enter_context(add_vector(self.lm, self.sae.layer, vec_rows[s:e], torch.ones(e - s)))
+                if adapters:
+                    stack.enter_context(lora_rows(self.lm, [(loras[c], idx) for c, idx in adapters.items()]))
                 texts[s:e] = generate(self.lm, prompts, **steer, **common)
 
-        # Out of memory, the batch is halved for the rest of the run (greedy rows do not depend on their batch).
-        self._batch_size = for_each_batch(len(unique), self._batch_size, step, "prompts")
+        # Calls of equal size (600 rows at 512 a call: 300 + 300, not 512 + a slow 88). Out of memory, the
+        # batch is halved for the rest of the run (greedy rows do not depend on their batch).
+        n = len(unique)
+        even = -(-n // -(-n // self._batch_size)) if n else self._batch_size
+        used = for_each_batch(n, even, step, "prompts")
+        self._batch_size = min(self._batch_size, used) if used < even else self._batch_size
         by_key = dict(zip(unique, texts))
-        return [by_key[key(r)] for r in rows], time.perf_counter() - t0, len(unique) * self.params.max_new_tokens
+        return [by_key[key(r)] for r in rows], time.perf_counter() - t0, n * self.params.max_new_tokens
 
     def _nll(self, prefix_idx: Sequence[int], texts: Sequence[str]) -> list[tuple[float, int]]:
         """(mean NLL, tokens) per text, each distinct (prefix, text) scored once per run."""
@@ -643,9 +669,7 @@ class Evaluation:
 
     def _score(self, concept: str, token_ids: Sequence[int], rows: list[_Row], texts: list[str]) -> pd.DataFrame:
         mentions = [concept_mentions(t, concept) for t in texts]
-        # A train row that does not mention the concept has combined score 0 whatever its fluency, so its
-        # perplexity (a forward pass about as costly as generating the row) is skipped unless asked for.
-        sel = [i for i, (r, m) in enumerate(zip(rows, mentions)) if self.params.full_train_fluency or r.split != "train" or m > 0]
+        sel = [i for i, (r, m) in enumerate(zip(rows, mentions)) if self._needs_fluency(r, m)]
         nll = dict(zip(sel, self._nll([rows[i].prefix_idx for i in sel], [texts[i] for i in sel])))
         targets: dict[int, list[str]] = {}
         ref = self.meta["ppl_ref"]
@@ -685,13 +709,27 @@ class Evaluation:
 
     # -- one concept ----------------------------------------------------------------------------
 
-    def run_concept(self, concept: str, sel: Selection, methods: Sequence[str]) -> dict:
-        """Run the pending ``methods`` of one concept; returns its timing record."""
+    def _needs_fluency(self, row: _Row, mentions: int) -> bool:
+        # A train row that does not mention the concept has combined score 0 whatever its fluency, so its
+        # perplexity (a forward pass about as costly as generating the row) is skipped unless asked for.
+        return self.params.full_train_fluency or row.split != "train" or mentions > 0
+
+    def _prefetch_nll(self, rows: list[_Row], texts: list[str]) -> None:
+        """Score, in one batched pass, the perplexities that :meth:`_score` will need for these rows (of any
+        concepts); results go to the per-run cache, so the per-concept scoring then only looks them up."""
+        need = [(r.prefix_idx, t) for r, t in zip(rows, texts) if self._needs_fluency(r, concept_mentions(t, r.concept))]
+        if need:
+            self._nll([i for i, _ in need], [t for _, t in need])
+
+    def run_group(self, items: Sequence[tuple[Selection, Sequence[str]]]) -> dict:
+        """Run the pending methods of a group of concepts ((selection, methods) each) with their rows batched
+        together, phase by phase: one decode call (or a few of ``batch_size`` rows) for every train row of
+        every concept, one for every test row, one perplexity pass per phase; LoRA apart (its adapter changes
+        the whole model, so each concept's LoRA rows decode alone). Rows never interact, so each concept's
+        results are those of running it alone. Returns the group's timing record."""
         p = self.params
         t_start = time.perf_counter()
-        timing = {"concept": concept, "gen_seconds": 0.0, "row_steps": 0, "lora_seconds": 0.0}
-        frames: dict[str, list[pd.DataFrame]] = {m: [] for m in methods}
-        info: dict[str, dict] = {m: {"status": "done", "n_candidates": len(sel.candidates), "concept_token_ids": sel.token_ids} for m in methods}
+        timing = {"concepts": [sel.concept for sel, _ in items], "gen_seconds": 0.0, "row_steps": 0, "lora_seconds": 0.0}
 
         def gen(rows: list[_Row], **kw) -> list[str]:
             texts, secs, steps = self._generate(rows, **kw)
@@ -699,66 +737,108 @@ class Evaluation:
             timing["row_steps"] += steps
             return texts
 
-        sae_methods = [m for m in methods if m in SAE_METHODS]
-        feats = list(dict.fromkeys(sel.picks[m] for m in sae_methods))  # two methods may pick the same feature
-        for m in sae_methods:
-            i = int(np.flatnonzero(self.scores.features == sel.picks[m])[0])
-            info[m].update(feature=sel.picks[m], output_score=float(self.scores.output_score[i]), input_score=float(self.scores.input_score[i]))
-        dm = None
-        if "diffmean" in methods:
-            entry = self._texts_for(concept)
-            dm = diffmean(residual_mean(self.lm, self.sae.layer, entry["texts"]), self._neutral_mean())
-            info["diffmean"].update(n_corpus_texts=entry["n_corpus"], n_generated_texts=entry["n_generated"], diffmean_norm=dm.raw_norm, resid_norm=dm.resid_norm)
-        vector = dm.vector(1.0) if dm is not None else None
+        frames: dict[str, dict[str, list[pd.DataFrame]]] = {}
+        info: dict[str, dict[str, dict]] = {}
+        vectors: dict[str, torch.Tensor] = {}
+        feats: list[int] = []
+        train_rows: list[_Row] = []
+        for sel, methods in items:
+            c = sel.concept
+            frames[c] = {m: [] for m in methods}
+            info[c] = {m: {"status": "done", "n_candidates": len(sel.candidates), "concept_token_ids": sel.token_ids} for m in methods}
+            sae_methods = [m for m in methods if m in SAE_METHODS]
+            feats += [sel.picks[m] for m in sae_methods]  # two methods (or concepts) may pick the same feature
+            for m in sae_methods:
+                i = int(np.flatnonzero(self.scores.features == sel.picks[m])[0])
+                info[c][m].update(feature=sel.picks[m], output_score=float(self.scores.output_score[i]), input_score=float(self.scores.input_score[i]))
+            if "diffmean" in methods:
+                entry = self._texts_for(c)
+                dm = diffmean(residual_mean(self.lm, self.sae.layer, entry["texts"]), self._neutral_mean())
+                info[c]["diffmean"].update(n_corpus_texts=entry["n_corpus"], n_generated_texts=entry["n_generated"], diffmean_norm=dm.raw_norm, resid_norm=dm.resid_norm)
+                vectors[c] = dm.vector(1.0)
+                train_rows += [_Row("diffmean", -1, k, "train", i, self.prefixes[i], c) for k in p.diffmean_coeffs for i in self.train]
+            # Train half: every grid method at every strength.
+            train_rows += [_Row(m, sel.picks[m], s, "train", i, self.prefixes[i], c) for m in sae_methods for s in p.strengths for i in self.train]
+        feats = list(dict.fromkeys(feats))
 
-        # Train half: every grid method at every strength, all in one batched pass.
-        rows = [_Row(m, sel.picks[m], s, "train", i, self.prefixes[i]) for m in sae_methods for s in p.strengths for i in self.train]
-        if dm is not None:
-            rows += [_Row("diffmean", -1, c, "train", i, self.prefixes[i]) for c in p.diffmean_coeffs for i in self.train]
-        best: dict[str, float] = {}
-        if rows:
-            frame = self._score(concept, sel.token_ids, rows, gen(rows, feats=feats, vector=vector))
-            for m in frame["method"].unique():
-                frames[m].append(frame[frame["method"] == m])
-                best[m] = best_strength(frame[frame["method"] == m])
+        def by_concept(rows: list[_Row], texts: list[str]) -> dict[str, tuple[list[_Row], list[str]]]:
+            out: dict[str, tuple[list[_Row], list[str]]] = {}
+            for r, t in zip(rows, texts):
+                rs, ts = out.setdefault(r.concept, ([], []))
+                rs.append(r)
+                ts.append(t)
+            return out
 
-        # Test half: every method at its chosen strength (LoRA apart: its adapter changes the whole model).
-        rows = [_Row(m, sel.picks[m], best[m], "test", i, self.prefixes[i]) for m in sae_methods for i in self.test]
-        if dm is not None:
-            rows += [_Row("diffmean", -1, best["diffmean"], "test", i, self.prefixes[i]) for i in self.test]
-        if "prompt" in methods:
-            rows += [_Row("prompt", -1, 0.0, "test", i, PROMPT_TEMPLATE.format(concept=concept, prefix=self.prefixes[i])) for i in self.test]
-        test_frames = [self._score(concept, sel.token_ids, rows, gen(rows, feats=feats, vector=vector))] if rows else []
-        if "unsteered" in methods:
-            base = self._unsteered().set_index("prefix_idx")["text"]
-            for split, idx in (("train", self.train), ("test", self.test)):
-                rows = [_Row("unsteered", -1, 0.0, split, i, self.prefixes[i]) for i in idx]
-                (test_frames if split == "test" else frames["unsteered"]).append(self._score(concept, sel.token_ids, rows, [base[i] for i in idx]))
-        if "lora" in methods:
-            entry = self._texts_for(concept)
+        best: dict[str, dict[str, float]] = {sel.concept: {} for sel, _ in items}
+        if train_rows:
+            texts = gen(train_rows, feats=feats, vectors=vectors)
+            self._prefetch_nll(train_rows, texts)
+            for sel, _ in items:
+                part = by_concept(train_rows, texts).get(sel.concept)
+                if part is None:
+                    continue
+                frame = self._score(sel.concept, sel.token_ids, *part)
+                for m in frame["method"].unique():
+                    frames[sel.concept][m].append(frame[frame["method"] == m])
+                    best[sel.concept][m] = best_strength(frame[frame["method"] == m])
+
+        # Test half: every method at its chosen strength.
+        test_rows: list[_Row] = []
+        for sel, methods in items:
+            c = sel.concept
+            test_rows += [_Row(m, sel.picks[m], best[c][m], "test", i, self.prefixes[i], c) for m in methods if m in SAE_METHODS for i in self.test]
+            if "diffmean" in methods:
+                test_rows += [_Row("diffmean", -1, best[c]["diffmean"], "test", i, self.prefixes[i], c) for i in self.test]
+            if "prompt" in methods:
+                test_rows += [_Row("prompt", -1, 0.0, "test", i, PROMPT_TEMPLATE.format(concept=c, prefix=self.prefixes[i]), c) for i in self.test]
+        # LoRA: each concept's adapter is trained alone; its rows then decode in the same call as the other test
+        # rows, with the adapter applied to those rows only.
+        loras: dict[str, LoraReport] = {}
+        for sel, methods in items:
+            if "lora" not in methods:
+                continue
+            c = sel.concept
+            entry = self._texts_for(c)
             t0 = time.perf_counter()
-            rows = [_Row("lora", -1, 1.0, "test", i, self.prefixes[i]) for i in self.test]
             with lora_adapter(self.lm, self.sae.layer, entry["texts"], p.lora, seed=p.seed) as report:
-                texts = gen(rows)
-            timing["lora_seconds"] = time.perf_counter() - t0
-            info["lora"].update(n_corpus_texts=entry["n_corpus"], n_generated_texts=entry["n_generated"], lora_losses=report.losses, lora_params=report.n_params)
-            test_frames.append(self._score(concept, sel.token_ids, rows, texts))
+                loras[c] = report
+            timing["lora_seconds"] += time.perf_counter() - t0
+            info[c]["lora"].update(n_corpus_texts=entry["n_corpus"], n_generated_texts=entry["n_generated"], lora_losses=report.losses, lora_params=report.n_params)
+            test_rows += [_Row("lora", -1, 1.0, "test", i, self.prefixes[i], c) for i in self.test]
+        test_texts = gen(test_rows, feats=feats, vectors=vectors, loras=loras) if test_rows else []
+        base = self._unsteered().set_index("prefix_idx")["text"] if any("unsteered" in m for _, m in items) else None
+        self._prefetch_nll(test_rows, test_texts)
+        tests = by_concept(test_rows, test_texts)
 
-        test = self._judge(pd.concat(test_frames, ignore_index=True)) if test_frames else pd.DataFrame()
-        for m in methods:
-            part = test[test["method"] == m] if not test.empty else test
-            rows_m = pd.concat([*frames[m], part], ignore_index=True)
-            if m in best:
-                info[m]["best_strength"] = best[m]
-            elif not part.empty:
-                info[m]["best_strength"] = float(part["strength"].iloc[0])
-            self._save_unit(concept, m, info[m], rows_m)
+        for sel, methods in items:
+            c = sel.concept
+            test_frames = [self._score(c, sel.token_ids, *tests[c])] if c in tests else []
+            if base is not None and "unsteered" in methods:
+                for split, idx in (("train", self.train), ("test", self.test)):
+                    rows = [_Row("unsteered", -1, 0.0, split, i, self.prefixes[i], c) for i in idx]
+                    (test_frames if split == "test" else frames[c]["unsteered"]).append(self._score(c, sel.token_ids, rows, [base[i] for i in idx]))
+            test = self._judge(pd.concat(test_frames, ignore_index=True)) if test_frames else pd.DataFrame()
+            for m in methods:
+                part = test[test["method"] == m] if not test.empty else test
+                rows_m = pd.concat([*frames[c][m], part], ignore_index=True)
+                if m in best[c]:
+                    info[c][m]["best_strength"] = best[c][m]
+                elif not part.empty:
+                    info[c][m]["best_strength"] = float(part["strength"].iloc[0])
+                self._save_unit(c, m, info[c][m], rows_m)
+        timing["concept"] = ", ".join(timing["concepts"])
         timing["seconds"] = time.perf_counter() - t_start
         with open(self.out / "timings.jsonl", "a") as fh:
             fh.write(json.dumps(timing) + "\n")
         return timing
 
     # -- all concepts ---------------------------------------------------------------------------
+
+    def _run_logged(self, group: Sequence[tuple[Selection, Sequence[str]]]) -> None:
+        t = self.run_group(group)
+        rate = t["row_steps"] / t["gen_seconds"] if t["gen_seconds"] else float("nan")
+        what = "; ".join(f"{sel.concept} ({len(sel.candidates)} candidates): {', '.join(m)}" for sel, m in group)
+        self.log(f"{what} done in {t['seconds']:.0f}s ({rate:.0f} decoded tokens/s)")
 
     def run(self, concepts: Sequence[str], n_concepts: int | None = None) -> None:
         """Evaluate concepts in order until ``n_concepts`` have candidates (skipped ones are recorded too)."""
@@ -771,6 +851,7 @@ class Evaluation:
         if {"diffmean", "lora"} & set(methods):
             self._concept_texts(concepts)  # one corpus pass for every concept
         evaluated = 0
+        group: list[tuple[Selection, list[str]]] = []
         for concept in concepts:
             if n_concepts is not None and evaluated >= n_concepts:
                 break
@@ -791,9 +872,12 @@ class Evaluation:
             if not pending:
                 self.log(f"{concept}: already done")
                 continue
-            t = self.run_concept(concept, sel, pending)
-            rate = t["row_steps"] / t["gen_seconds"] if t["gen_seconds"] else float("nan")
-            self.log(f"{concept}: {', '.join(pending)} done in {t['seconds']:.0f}s ({len(sel.candidates)} candidates; {rate:.0f} decoded tokens/s)")
+            group.append((sel, pending))
+            if len(group) == self.params.concepts_per_batch:
+                self._run_logged(group)
+                group = []
+        if group:
+            self._run_logged(group)
         self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         _write_json(self.out / "meta.json", self.meta)
 

@@ -52,6 +52,20 @@ def residual_edit(module: nn.Module, fn: ResidFn) -> Iterator[None]:
 
 
 @contextmanager
+def output_edits(edits: Sequence[tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]) -> Iterator[None]:
+    """Replace each module's output y by ``fn(x, y)`` (x its first input) for the duration of the block: the
+    hook behind per-row adapters on single layers (``baselines.lora_rows``)."""
+    handles = []
+    try:
+        for module, fn in edits:
+            handles.append(module.register_forward_hook(lambda _mod, inp, out, fn=fn: fn(inp[0], out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def capture_residuals(lm: LoadedModel, layers: Sequence[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Record the residual stream after each of ``layers`` into the yielded dict (layer -> (batch, pos, d_model)).
 

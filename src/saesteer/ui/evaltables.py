@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..config import EMBEDDED_MODEL
@@ -187,6 +188,14 @@ def generations_view(gens: pd.DataFrame, concepts: Sequence[str] = (), methods: 
     cols = [c for c in GENERATION_COLUMNS if c in out.columns]
     out = out[cols].assign(method=[label(m) for m in out["method"]])
     return out.reset_index(drop=True)
+
+
+def concepts_timed(timings: pd.DataFrame) -> int:
+    """Concepts covered by a run's timing records: one per record, or the ``concepts`` list of a record that
+    timed a group of concepts batched together."""
+    if "concepts" not in timings.columns:
+        return len(timings)
+    return int(sum(len(c) if isinstance(c, (list, tuple, np.ndarray)) else 1 for c in timings["concepts"]))
 
 
 def tokens_per_second(timings: pd.DataFrame) -> float:

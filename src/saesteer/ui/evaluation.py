@@ -378,7 +378,7 @@ def _run_details(results: evaluate.EvalResults, entry: RunEntry) -> None:
     tps = et.tokens_per_second(results.timings)
     if math.isfinite(tps):
         t = results.timings
-        st.caption(f"Batched decoding reached {tps:,.0f} tokens/s; {t['seconds'].sum():,.0f} s in all for {len(t)} concept runs.")
+        st.caption(f"Batched decoding reached {tps:,.0f} tokens/s; {t['seconds'].sum():,.0f} s in all for {et.concepts_timed(t)} concepts.")
     report = entry.path / "report.html"
     if report.exists():
         st.caption(f"Self-contained report: {et.md_text(report)}")
