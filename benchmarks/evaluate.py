@@ -1,27 +1,33 @@
-"""Cost of the steering evaluation on the embedded model, measured in one run, and a projection of a full run.
+"""Cost of the steering evaluation on the embedded model, measured in one run.
 
-1. Batched steered decoding (what the evaluation does: one ``generate`` call over prefixes × strengths,
+1. The exact greedy head in vocabulary blocks (``fasthead.exact_argmax``, what every float32 greedy decode step
+   uses) against the argmax of the full logits at the evaluation's batch sizes: time and agreement.
+2. Batched steered decoding (what the evaluation does: one ``generate`` call over prefixes × strengths,
    per-row strengths, paper mode) against single-stream decoding of the same rows: decoded tokens/s.
-2. The continuation perplexity fast path (unembedding only at continuation positions) against the obvious
-   full-logits forward per row: time ratio and the largest NLL difference.
-3. LoRA training time per step.
-4. A projection of ``eval`` over ``--concepts`` concepts from these rates, for the default settings or those
-   given (``--strengths``, ``--diffmean-coeffs``, ``--n-prefixes``, ``--max-new-tokens``). The rates are
-   wall-clock rates at the current load (printed): run it on an idle machine for a projection you can use.
-5. ``--smoke``: a real run of the protocol (1 concept, 2 strengths, 4 prefixes, every method) end to end.
+3. The continuation perplexity fast path (unembedding only at continuation positions, running log-sum-exp
+   over vocabulary blocks) against the obvious full-logits forward per row: time ratio and largest NLL
+   difference.
+4. LoRA training time per step.
+5. ``--run N``: the real evaluation (``run_evaluation``, the CLI's defaults: the paper's 12-point grid, 20
+   prefixes, 24 tokens, concepts batched three at a time) of the first N concepts with candidates, timed,
+   with the minutes that 30 such concepts take at that rate. ``python -m saesteer eval --layer L`` itself
+   logs each batch's seconds and tokens/s, and writes them to ``timings.jsonl``.
+6. ``--smoke``: a small real run of the protocol (1 concept, 2 strengths, 4 prefixes, every method).
 
 The SAE is the bundled one of ``--layer`` when it exists. Without bundled feature data, selection needs
 scores: the smoke run then computes the logit lens of every feature, output scores of the concept's
 candidates and input scores from a short activation pass (``--input-tokens``), and says so. Without a
 bundled SAE it uses a random sae-lens TopK SAE, named as such; its numbers price the code path only.
+Rates are wall-clock rates at the current load (printed): run it on an idle machine.
 
-    nice -n 15 python benchmarks/evaluate.py [--layer 8] [--tokens 8] [--smoke]
-    nice -n 15 python benchmarks/evaluate.py --strengths 0.8 2 4 8 --max-new-tokens 20   # project other settings
+    python benchmarks/evaluate.py [--layer 8] [--tokens 8]
+    python benchmarks/evaluate.py --run 6          # six concepts for real (≈ 10 min on the 2-core VM)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -104,25 +110,59 @@ def bench_lora(lm, layer: int, params) -> float:
     return (time.perf_counter() - t0) / params.steps
 
 
-def projection(params, rates: dict, n_concepts: int) -> dict:
-    """Seconds per concept from measured rates; ``rates`` has train/test/lora decode tokens/s, nll positions/s
-    and LoRA seconds per step. Upper bound: identical rows are decoded once in a real run, and perplexity is
-    computed here for every row although train rows without a mention skip it."""
-    from saesteer.evaluate import SAE_METHODS
+def bench_head(lm, rows: int, reps: int = 3) -> dict:
+    """Blocked exact argmax vs the argmax of the full (rows, vocab) logits, on final-normed hidden states of
+    real prefixes (best of ``reps`` for each)."""
+    from saesteer.evaluate import default_prefixes
+    from saesteer.fasthead import exact_argmax
 
-    half = params.n_prefixes // 2
-    test_n = params.n_prefixes - half
-    train_rows = len(SAE_METHODS) * len(params.strengths) * half + len(params.diffmean_coeffs) * half
-    test_rows = (len(SAE_METHODS) + 2) * test_n  # + diffmean, prompt in the same call
-    t = params.max_new_tokens
-    parts = {
-        "decode train": train_rows * t / rates["train"],
-        "decode test": test_rows * t / rates["test"],
-        "decode lora": test_n * t / rates["lora"],
-        "perplexity": (train_rows + test_rows + test_n) * t / rates["nll"],
-        "lora training": params.lora.steps * rates["lora_step"],
-    }
-    return {"rows": train_rows + test_rows + test_n, "parts": parts, "minutes": sum(parts.values()) * n_concepts / 60}
+    prompts = [default_prefixes()[i % 20] for i in range(rows)]
+    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        h = lm.model.get_decoder()(**enc).last_hidden_state[:, -1].contiguous()
+        h = h + 0.3 * torch.randn_like(h) * h.std()  # spread the rows: not 20 distinct states repeated
+    w = lm.lm_head.weight
+    full = lambda: (h @ w.T).argmax(-1)
+    blocked = lambda: exact_argmax(h, w, None, lm.softcap)
+    times = {}
+    for name, fn in (("full", full), ("blocked", blocked)):
+        fn()
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    return {"full_ms": times["full"] * 1e3, "blocked_ms": times["blocked"] * 1e3, "same": f"{int((full() == blocked()).sum())}/{rows}"}
+
+
+def real_run(lm, sae, kind: str, n: int) -> None:
+    """The evaluation as the CLI runs it, on the first ``n`` concepts with candidates, timed."""
+    from saesteer import features as F
+    from saesteer.evaluate import (
+        EvalParams,
+        FeatureScores,
+        default_concepts,
+        default_prefixes,
+        run_evaluation,
+    )
+
+    data = F.load_bundled(sae.id, lm.name) if kind == "bundled" else None
+    if data is None:
+        print("--run needs the bundled feature data of the layer (scores for the selection)")
+        return
+    scores = FeatureScores.from_table(data.table, data.lens, "bundled")
+    params = EvalParams()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        res = run_evaluation(lm, sae, scores, default_concepts(), out, params, prefixes=default_prefixes(), n_concepts=n, log=print)
+        secs = time.perf_counter() - t0
+    t = res.timings
+    batches = float(t["seconds"].sum())
+    done = sum(len(c) for c in t["concepts"])
+    print(f"real run: {done} concepts in {secs:.0f}s ({batches:.0f}s in concept batches, {secs - batches:.0f}s setup: unsteered rows, "
+          f"concept-sentence mining); {t['row_steps'].sum() / t['gen_seconds'].sum():.0f} decoded tokens/s; LoRA training "
+          f"{t['lora_seconds'].sum() / done:.1f}s per concept; => 30 concepts ≈ {(secs - batches + batches / done * 30) / 60:.0f} min at this rate")
 
 
 def smoke(lm, sae, kind: str, input_tokens: int) -> None:
@@ -172,53 +212,43 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=8)
-    ap.add_argument("--rows", type=int, default=None, help="rows of the train-phase decode call (default: as the settings give)")
+    ap.add_argument("--rows", type=int, default=440, help="rows of the large decode call (440: three distinct features × 12 strengths + 8 DiffMean coefficients, × 10 prefixes)")
     ap.add_argument("--tokens", type=int, default=8, help="tokens decoded per row in the measurements")
-    ap.add_argument("--strengths", type=float, nargs="+", default=None, help="projection: paper-mode strengths (default: the paper's 12)")
-    ap.add_argument("--diffmean-coeffs", type=float, nargs="+", default=None)
-    ap.add_argument("--n-prefixes", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--single", type=int, default=4, help="rows decoded one by one for the single-stream rate")
-    ap.add_argument("--concepts", type=int, default=30)
+    ap.add_argument("--run", type=int, default=0, metavar="N", help="also time the real evaluation of N concepts (default settings)")
     ap.add_argument("--smoke", action="store_true", help="also run the protocol end to end on one concept")
     ap.add_argument("--smoke-only", action="store_true", help="only the end-to-end run")
+    ap.add_argument("--run-only", action="store_true", help="only the --run measurement")
     ap.add_argument("--input-tokens", type=int, default=20_000)
     args = ap.parse_args()
 
-    from saesteer.evaluate import default_prefixes
+    from saesteer.evaluate import EvalParams, default_prefixes
 
     lm, sae, kind = load(args.layer)
     prefixes = default_prefixes()
     print(f"model {lm.name}, SAE {sae.id} ({kind}), torch threads {torch.get_num_threads()}")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.smoke_only:
         smoke(lm, sae, kind, args.input_tokens)
         return
-    from saesteer.evaluate import DIFFMEAN_COEFFS, PAPER_STRENGTHS, EvalParams
-
-    params = EvalParams(
-        strengths=tuple(args.strengths or PAPER_STRENGTHS), diffmean_coeffs=tuple(args.diffmean_coeffs or DIFFMEAN_COEFFS),
-        n_prefixes=args.n_prefixes, max_new_tokens=args.max_new_tokens,
-    )
-    half = params.n_prefixes // 2
-    train_rows = min(args.rows or 10**9, (3 * len(params.strengths) + len(params.diffmean_coeffs)) * half, params.batch_size)
-    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    g = bench_generate(lm, sae, prefixes, train_rows, args.tokens, args.single)
-    gt = bench_generate(lm, sae, prefixes, 5 * (params.n_prefixes - half), args.tokens, 0)
-    gl = bench_generate(lm, sae, prefixes, params.n_prefixes - half, args.tokens, 0)
-    print(f"steered decode, {train_rows} rows: {g['tok_s']:.1f} tok/s ({g['tok_cpu_s']:.1f} per CPU-second); single-stream "
-          f"{g['single_tok_s']:.1f} tok/s (batched x{g['tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")
-    print(f"steered decode, test call {5 * (params.n_prefixes - half)} rows: {gt['tok_s']:.1f} tok/s; LoRA call {params.n_prefixes - half} rows: {gl['tok_s']:.1f} tok/s")
-    n = bench_nll(lm, prefixes, 64, params.max_new_tokens)
-    print(f"continuation NLL: {n['positions_s']:.0f} positions/s, x{n['ratio']:.1f} faster per row than one full forward per row, "
-          f"max |diff| {n['max_diff']:.2e} nats")
-    lora = bench_lora(lm, sae.layer, params.lora)
-    print(f"LoRA: {lora:.1f}s per training step ({params.lora.batch_size} sentences of <= {params.lora.max_tokens} tokens)")
-    rates = {"train": g["tok_s"], "test": gt["tok_s"], "lora": gl["tok_s"], "nll": n["positions_s"], "lora_step": lora}
-    pr = projection(params, rates, args.concepts)
-    parts = ", ".join(f"{k} {v:.0f}s" for k, v in pr["parts"].items())
-    print(f"projection ({args.concepts} concepts, {len(params.strengths)} strengths, {len(params.diffmean_coeffs)} DiffMean coefficients, "
-          f"{params.n_prefixes} prefixes, {params.max_new_tokens} tokens): {pr['rows']} rows/concept; per concept {parts} "
-          f"=> <= {pr['minutes']:.0f} min at this load")
+    if not args.run_only:
+        params = EvalParams()
+        for rows in (args.rows, 90, 10):
+            h = bench_head(lm, rows)
+            print(f"greedy head, {rows} rows: full logits {h['full_ms']:.0f} ms, vocabulary blocks {h['blocked_ms']:.0f} ms "
+                  f"(x{h['full_ms'] / h['blocked_ms']:.2f}); same token {h['same']}")
+        g = bench_generate(lm, sae, prefixes, args.rows, args.tokens, args.single)
+        print(f"steered decode, {args.rows} rows: {g['tok_s']:.1f} tok/s ({g['tok_cpu_s']:.1f} per CPU-second); single-stream "
+              f"{g['single_tok_s']:.1f} tok/s (batched x{g['tok_s'] / g['single_tok_s']:.1f}); batched == single for {g['same']} rows")
+        for rows in (90, 30):
+            print(f"steered decode, {rows} rows: {bench_generate(lm, sae, prefixes, rows, args.tokens, 0)['tok_s']:.1f} tok/s")
+        n = bench_nll(lm, prefixes, 64, params.max_new_tokens)
+        print(f"continuation NLL: {n['positions_s']:.0f} positions/s, x{n['ratio']:.1f} faster per row than one full forward per row, "
+              f"max |diff| {n['max_diff']:.2e} nats")
+        lora = bench_lora(lm, sae.layer, params.lora)
+        print(f"LoRA: {lora:.1f}s per training step ({params.lora.batch_size} sentences of <= {params.lora.max_tokens} tokens)")
+    if args.run or args.run_only:
+        real_run(lm, sae, kind, args.run or 6)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.smoke:
         smoke(lm, sae, kind, args.input_tokens)

@@ -621,6 +621,10 @@ def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path, monkeypatch):
     (tmp_path / "few.txt").write_text("a\nb\n")
     assert main(["eval", "--layer", "2", "--prefixes", str(tmp_path / "few.txt")]) == 2
     assert "--n-prefixes" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--concepts-per-batch", "0"]) == 2
+    assert "--concepts-per-batch must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="concepts_per_batch must be a whole number"):
+        EvalParams(concepts_per_batch=1.5)
 
 
 def test_cli_runs_the_evaluation_end_to_end(tmp_path, tiny_lm, tiny_sae, capsys):
@@ -641,7 +645,7 @@ def test_cli_runs_the_evaluation_end_to_end(tmp_path, tiny_lm, tiny_sae, capsys)
     argv = ["eval", "--model", str(model_dir), "--device", "cpu", "--sae", str(sae_dir), "--features", str(feat_dir),
             "--concepts", str(tmp_path / "concepts.txt"), "--prefixes", str(tmp_path / "prefixes.txt"), "--n-prefixes", "4",
             "--strengths", "1,8", "--methods", "sae_output", "sae_random", "prompt", "unsteered", "--max-new-tokens", "4",
-            "--n-concepts", "1", "--out", str(out)]
+            "--n-concepts", "1", "--out", str(out), "--concepts-per-batch", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "sae_output" in printed and "skipped (no candidate features): zebra" in printed

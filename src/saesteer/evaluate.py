@@ -13,7 +13,11 @@ Protocol (Arad, Mueller & Belinkov 2025, with AxBench's held-out strength select
    coefficients relative to the residual norm); the strength with the best mean combined score is chosen
    there, and the method is reported at that strength on the *test* half only. Baselines without a grid
    (``unsteered``, ``prompt``: "Talk about X." before the prefix, ``lora``) are reported on the test half.
-   All generations are greedy; every prefix × strength of a concept is decoded in one batched call.
+   All generations are greedy. Concepts are taken ``EvalParams.concepts_per_batch`` at a time and every
+   phase batches all their rows: one decode call (of at most ``batch_size`` rows) for every prefix ×
+   strength × method of the group's train half, one for its test half (LoRA rows included, each concept's
+   adapter applied to its own rows), one perplexity pass per phase. Rows do not interact, so each concept's
+   results are those of running it alone (tested).
 
 Metrics of one generation (the continuation only, never the prefix):
 
@@ -140,8 +144,9 @@ class EvalParams:
     """Also score the perplexity of train-half rows that do not mention the concept (their combined score is
     0 either way; off, their ppl and fluency are NaN, saving one forward pass per such row)."""
     batch_size: int = 512
-    """Rows per generate call: larger batches decode faster per token on a CPU (memory: 0.5 GiB of logits per
-    512 rows); results do not depend on it. Out of memory, it is halved and the batch retried."""
+    """Most rows per generate call (rows are split into calls of equal size): larger batches decode faster per
+    token on a CPU (memory: the KV cache, ≈ 1.1 MB per row of 30 tokens on Gemma 3 270M; the head's logits
+    are taken in vocabulary blocks); results do not depend on it. Out of memory, it is halved and retried."""
 
     concepts_per_batch: int = 3
     """Concepts whose rows share each decode call and perplexity pass (LoRA apart): small calls are slow per

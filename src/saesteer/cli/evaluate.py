@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", default="24", help=f"tokens generated per prefix, 1..{MAX_NEW_TOKENS_LIMIT}")
     p.add_argument("--seed", default="0", help="seed of the prefix split, random features and LoRA")
     p.add_argument("--batch-size", default="512", help="rows per batched generate call (memory and speed, not results)")
+    p.add_argument("--concepts-per-batch", default="3", help="concepts whose rows share each decode call (speed, not results)")
     p.add_argument("--features", default=None, help="feature-data directory (default: the bundled data of the SAE)")
     p.add_argument("--judge", action="store_true", help="also rate the reported generations with an LLM judge (see SAESTEER_JUDGE_* variables)")
 
@@ -82,6 +83,7 @@ def params_from_args(args: argparse.Namespace):
         max_new_tokens=_int(args.max_new_tokens, "--max-new-tokens"),
         seed=_int(args.seed, "--seed", 0),
         batch_size=_int(args.batch_size, "--batch-size"),
+        concepts_per_batch=_int(args.concepts_per_batch, "--concepts-per-batch"),
     )
 
 
