@@ -162,7 +162,7 @@ def real_run(lm, sae, kind: str, n: int) -> None:
     done = sum(len(c) for c in t["concepts"])
     print(f"real run: {done} concepts in {secs:.0f}s ({batches:.0f}s in concept batches, {secs - batches:.0f}s setup: unsteered rows, "
           f"concept-sentence mining); {t['row_steps'].sum() / t['gen_seconds'].sum():.0f} decoded tokens/s; LoRA training "
-          f"{t['lora_seconds'].sum() / done:.1f}s per concept; => 30 concepts ≈ {(secs - batches + batches / done * 30) / 60:.0f} min at this rate")
+          f"{t['lora_seconds'].sum() / done:.1f}s per concept; => 30 concepts like these ≈ {(secs - batches + batches / done * 30) / 60:.0f} min (concepts with more distinct picks cost more)")
 
 
 def smoke(lm, sae, kind: str, input_tokens: int) -> None:

@@ -349,19 +349,20 @@ def lora_rows(lm: LoadedModel, adapters: Sequence[tuple[LoraReport, Sequence[int
     Row b of adapter (A, B, s) on a linear layer with output y and input x gets ``y_b + B(A(x_b)) · s``, the
     same operations in the same order as peft's LoRA layer: tested to decode the same text as the peft model.
     """
-    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]]] = {}
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, int]]] = {}
     for report, rows in adapters:
-        idx = torch.as_tensor(list(rows), dtype=torch.long, device=lm.device)
-        if not len(idx):
+        rows = [int(r) for r in rows]
+        if not rows:
             continue
+        idx = torch.tensor(rows, dtype=torch.long, device=lm.device)
         for name, (a, b, scale) in report.weights.items():
-            per_module.setdefault(name, []).append((a.to(lm.device), b.to(lm.device), scale, idx))
+            per_module.setdefault(name, []).append((a.to(lm.device), b.to(lm.device), scale, idx, max(rows)))
 
     def make(items):
         def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            for a, b, scale, idx in items:
-                if int(idx.max()) >= y.shape[0]:
-                    raise ConfigError(f"LoRA rows up to {int(idx.max())} but the forward has batch {y.shape[0]}")
+            for a, b, scale, idx, top in items:
+                if top >= y.shape[0]:
+                    raise ConfigError(f"LoRA rows up to {top} but the forward has batch {y.shape[0]}")
                 xa = x.index_select(0, idx).to(a.dtype)
                 y = y.index_add(0, idx, (torch.nn.functional.linear(torch.nn.functional.linear(xa, a), b) * scale).to(y.dtype))
             return y
