@@ -4,10 +4,9 @@ invariants, and the whole protocol (with resume) on the tiny model."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
