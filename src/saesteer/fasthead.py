@@ -74,6 +74,18 @@ class ScreenedHead:
 EXACT_BLOCK = 2048
 
 
+def vocab_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int):
+    """(start, logits) of ``hidden @ weight.T + bias`` for consecutive blocks of ``block`` vocabulary rows, in
+    the weight's dtype (one block off the CPU): the shared loop of the blocked greedy head and the blocked
+    log-sum-exp of ``evaluate.continuation_nll``."""
+    vocab = weight.shape[0]
+    block = block if hidden.device.type == "cpu" else vocab
+    h = hidden.to(weight.dtype)
+    for s in range(0, vocab, block):
+        logits = h @ weight[s : s + block].T
+        yield s, logits if bias is None else logits + bias[s : s + block]
+
+
 @torch.no_grad()
 def exact_argmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """The greedy tokens (batch,) of the head ``hidden @ weight.T + bias`` (soft-capped), exactly as the argmax
@@ -85,14 +97,8 @@ def exact_argmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     counts agreement on real hidden states). Tested equal to the full argmax with ties, bias, soft-cap and
     NaN, and in decoding against transformers' own greedy ``generate``. Elsewhere than on a CPU it is one block.
     """
-    vocab = weight.shape[0]
-    block = EXACT_BLOCK if hidden.device.type == "cpu" else vocab
-    h = hidden.to(weight.dtype)
     best_v = best_i = None
-    for s in range(0, vocab, block):
-        logits = h @ weight[s : s + block].T
-        if bias is not None:
-            logits = logits + bias[s : s + block]
+    for s, logits in vocab_blocks(hidden, weight, bias, EXACT_BLOCK):
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         i = logits.argmax(dim=-1)
