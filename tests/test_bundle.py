@@ -74,3 +74,94 @@ def test_at_least_six_bundled_layers():
     if not layers:
         pytest.fail("no bundled SAEs under assets/saes/gemma-3-270m")
     assert len(layers) >= 6 and min(layers) <= 3 and max(layers) >= 15
+
+
+def _shipped_topk(d_in: int = 16, d_sae: int = 32, k: int = 4, seed: int = 0):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.5)
+    return sae
+
+
+def _training_topk(d_in: int = 16, d_sae: int = 32, k: int = 4):
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, normalize_activations="none"))
+
+
+def test_init_from_shipped_reproduces_the_shipped_latents_on_raw_input():
+    """Centred, rescaled input with b_dec = 0 and the adjusted b_enc: after folding scale and centre back, the
+    new SAE encodes raw residuals exactly as the shipped one; the decoder bias is now the centre."""
+    from saesteer.bundle import centring_stats, init_from_shipped
+
+    shipped = _shipped_topk()
+    x = torch.randn(500, 16) + 40 * torch.ones(16)  # a large shared part, as Gemma's residual has
+    centre, scale = centring_stats(x)
+    sae = _training_topk()
+    init_from_shipped(sae, shipped, centre, scale, torch.zeros(32, dtype=torch.bool), seed=0)
+    with torch.no_grad():
+        a_centred = sae.encode((x - centre) * scale)
+        assert torch.allclose(a_centred / scale, shipped.encode(x), atol=1e-4)
+        sae.fold_activation_norm_scaling_factor(scale)
+        sae.b_dec += centre
+        assert torch.allclose(sae.encode(x), shipped.encode(x), atol=1e-4)
+        assert torch.allclose(sae.b_dec, centre, atol=1e-5)
+        a = shipped.encode(x)
+        assert torch.allclose(sae.decode(a), shipped.decode(a) - shipped.b_dec + centre, atol=1e-3)
+    assert scale == pytest.approx(4.0 / float((x - centre).norm(dim=1).mean()), rel=1e-5)
+
+
+def test_init_from_shipped_reinitialises_only_the_dense_latents():
+    from saesteer.bundle import centring_stats, init_from_shipped
+
+    shipped = _shipped_topk()
+    x = torch.randn(200, 16)
+    centre, scale = centring_stats(x)
+    dense = torch.zeros(32, dtype=torch.bool)
+    dense[[3, 7]] = True
+    sae = _training_topk()
+    init_from_shipped(sae, shipped, centre, scale, dense, seed=1)
+    keep = ~dense
+    assert torch.equal(sae.W_dec[keep], shipped.W_dec[keep]) and torch.equal(sae.W_enc[:, keep], shipped.W_enc[:, keep])
+    assert torch.allclose(sae.W_dec[dense].norm(dim=1), torch.full((2,), 0.1))
+    assert torch.equal(sae.W_enc[:, dense], sae.W_dec[dense].T) and torch.all(sae.b_enc[dense] == 0)
+
+
+def test_finetune_moves_the_shared_part_into_the_bias(tmp_path):
+    """A planted bias-like latent (decoder along the shared direction, always firing) is re-initialised and the
+    fine-tuned SAE's peak latent is a sparse one, with the shared direction in b_dec."""
+    from saesteer.bundle import finetune_saes, latent_density
+    from saesteer.diagnostics import diagnose
+    from saesteer.saes import LoadedSae
+
+    g = torch.Generator().manual_seed(0)
+    d, n_atoms, n = 16, 24, 6000
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    shared = 30 * torch.ones(d) / d ** 0.5
+    codes = (torch.rand(n, n_atoms, generator=g) < 3 / n_atoms) * torch.rand(n, n_atoms, generator=g) * 3
+    x = shared + codes @ atoms  # (n, d)
+    shipped = _shipped_topk(d_in=d, d_sae=32, k=4)
+    with torch.no_grad():  # latent 0 carries the shared part at every token; the others are the atoms, whose
+        shipped.W_dec[:n_atoms] = atoms  # encoder bias cancels the shared part, as a trained SAE's does
+        shipped.W_enc[:, :n_atoms] = atoms.T
+        shipped.b_enc[:n_atoms] = -(shared @ atoms.T)
+        shipped.b_enc[n_atoms:] = -100  # the spare latents start silent
+        shipped.W_dec[0] = shared / shared.norm()
+        shipped.W_enc[:, 0] = shared / shared.norm()
+        shipped.b_dec.zero_()
+    assert float(latent_density(shipped, x)[0]) == 1.0
+    params = TrainParams(layers=(1,), width=32, k=4, tokens=n, epochs=4.0, context_size=32, batch_size=256, lr=3e-3)
+    trained, info = finetune_saes(lambda layer: x.clone(), {1: shipped}, params, tmp_path, "toy", density_tokens=n)
+    assert info[1]["reinitialised_latents"] == [0]
+    sae = trained[1]
+    diag = diagnose(LoadedSae(sae=sae, id="toy", hook_name="blocks.1.hook_resid_post", layer=1), x)
+    assert diag.peak_is_dense < 0.1 and diag.n_dense == 0, diag
+    assert torch.allclose(sae.b_dec.float(), shared, atol=0.5)  # the point the sparse codes are added to
+    before = diagnose(LoadedSae(sae=shipped, id="toy0", hook_name="blocks.1.hook_resid_post", layer=1), x)
+    assert before.peak_is_dense == 1.0 and before.dense_latents[0].latent == 0
+    assert (tmp_path / "L1-topk4-w32" / "cfg.json").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +369,170 @@ def collect_activations_from_ids(lm: LoadedModel, sequences: np.ndarray, layers:
             np.save(tmp, acts[l].cpu().numpy())
             tmp.replace(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rebuild: move what every token shares into the decoder bias, then fine-tune (sae-lens trains)
+
+@torch.no_grad()
+def latent_density(sae, acts: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """Share of rows of ``acts`` (tokens, d_model) on which each latent is non-zero: (d_sae,) float64."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for i in range(0, len(acts), batch):
+        a = sae.encode(acts[i : i + batch].float())
+        fired += (a != 0).sum(0).double()
+    return fired / len(acts)
+
+
+def centred_scaled(raw: torch.Tensor, centre: torch.Tensor, scale: float, batch: int = 65536) -> torch.Tensor:
+    """``(raw − centre) · scale`` as fp16, computed in float32 blocks (the raw residual overflows fp16; the centred,
+    rescaled one has norm ≈ √d_model)."""
+    out = torch.empty(raw.shape, dtype=torch.float16)
+    for i in range(0, len(raw), batch):
+        out[i : i + batch] = ((raw[i : i + batch].float() - centre) * scale).to(torch.float16)
+    return out
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld iterations in float64 from the mean: the point minimising the summed distance to the rows of x."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-9)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = float((new - m).norm()) <= tol * max(float(m.norm()), 1.0)
+        m = new
+        if done:
+            break
+    return m
+
+
+@torch.no_grad()
+def centring_stats(raw: torch.Tensor, sample: int = 200_000, batch: int = 65536) -> tuple[torch.Tensor, float]:
+    """The centre (geometric median of the first ``sample`` rows, float32) and sae-lens' scaling convention on
+    the centred data: scale = √d / E‖x − centre‖, so the SAE sees inputs of average norm √d.
+
+    The geometric median, not the mean: latents are non-negative, so the point the decoder adds them to is where
+    most tokens sit when few latents fire; the mean is pulled off it by every feature's average activation.
+    """
+    centre = geometric_median(raw[:sample]).float()
+    norms = 0.0
+    for i in range(0, len(raw), batch):
+        norms += float((raw[i : i + batch].float() - centre).norm(dim=1).double().sum())
+    return centre, math.sqrt(raw.shape[1]) * len(raw) / norms
+
+
+@torch.no_grad()
+def init_from_shipped(train_sae, shipped, centre: torch.Tensor, scale: float, dense: torch.Tensor, seed: int) -> None:
+    """Initialise a TopK training SAE that reads ``(x − centre) · scale`` from a shipped raw-space TopK SAE.
+
+    The shipped SAE (decoder-norm-rescaled TopK, ``apply_b_dec_to_input``) computes ``pre = (x − b0) W_enc + b_enc``.
+    With ``b_dec = 0`` on centred input, ``b_enc ← scale · (b_enc + (centre − b0) W_enc)`` gives ``scale · pre``:
+    the same TopK choice and activations ``scale ×`` the raw ones, so every learned latent starts where it was.
+    The ``dense`` latents (which carried what every token shares, now in the centre) are re-initialised as new
+    random latents with sae-lens' TopK init (decoder norm 0.1, encoder = decoder transposed, zero bias).
+    """
+    We = shipped.W_enc.float()
+    b0 = shipped.b_dec.float()
+    train_sae.W_enc.copy_(We)
+    train_sae.W_dec.copy_(shipped.W_dec.float())
+    train_sae.b_enc.copy_(scale * (shipped.b_enc.float() + (centre - b0) @ We))
+    train_sae.b_dec.zero_()
+    idx = torch.nonzero(dense).flatten()
+    if len(idx):
+        g = torch.Generator().manual_seed(seed)
+        d = torch.randn(len(idx), We.shape[0], generator=g)
+        d = 0.1 * d / d.norm(dim=1, keepdim=True)
+        train_sae.W_dec[idx] = d
+        train_sae.W_enc[:, idx] = d.T
+        train_sae.b_enc[idx] = 0.0
+
+
+def finetune_saes(
+    load_layer: Callable[[int], torch.Tensor],
+    shipped: dict[int, object],
+    params,
+    out: Path,
+    model_name: str,
+    dense_threshold: float = 0.5,
+    density_tokens: int = 100_000,
+    checkpoint_dir: Path | None = None,
+) -> tuple[dict[int, object], dict[int, dict]]:
+    """Fine-tune shipped TopK SAEs on centred activations with sae-lens' ``MultiSAETrainer``; fold the centre back.
+
+    Per layer: the activations' geometric median moves into ``b_dec`` (the SAE trains on ``(x − centre) · scale``), latents of
+    the shipped SAE with density > ``dense_threshold`` on the first ``density_tokens`` training tokens are
+    re-initialised, the rest start from their shipped weights (:func:`init_from_shipped`). After training,
+    sae-lens' ``fold_activation_norm_scaling_factor`` and ``b_dec += centre`` give an SAE on raw residuals.
+    ``load_layer(L)`` returns layer L's raw training residuals (tokens, d_model); layers are loaded one at a time
+    and kept only as centred fp16 copies. Returns layer -> trained SAE and layer -> what was done (centre norm,
+    scale, re-initialised latents).
+    """
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    from .hookpoints import tl_hook_name
+
+    torch.manual_seed(params.seed)
+    names = {sae_id_for(l, params.width, params.k): l for l in shipped}
+    saes, data, info, centres = {}, {}, {}, {}
+    n_tokens = 0
+    for name, layer in names.items():
+        x = load_layer(layer)
+        n_tokens = len(x)
+        centre, scale = centring_stats(x)
+        density = latent_density(shipped[layer], x[:density_tokens])
+        dense = density > dense_threshold
+        cfg = TopKTrainingSAEConfig(
+            d_in=x.shape[1], d_sae=params.width, k=params.k, device="cpu", normalize_activations="none",
+            metadata=SAEMetadata(model_name=model_name, hook_name=tl_hook_name(layer), context_size=params.context_size,
+                                 prepend_bos=True, dataset_path="saesteer bundled corpus"),
+        )
+        sae = TopKTrainingSAE(cfg)
+        init_from_shipped(sae, shipped[layer], centre, scale, dense, params.seed + layer)
+        saes[name] = sae
+        data[tl_hook_name(layer)] = centred_scaled(x, centre, scale)
+        centres[layer] = centre
+        info[layer] = {
+            "mean_norm": float(centre.norm()), "scale": scale,
+            "reinitialised_latents": [int(i) for i in torch.nonzero(dense).flatten()],
+            "reinitialised_densities": [round(float(density[i]), 4) for i in torch.nonzero(dense).flatten()],
+        }
+        del x  # the float32 copy; the centred fp16 one trains
+    total = int(n_tokens * params.epochs) // params.batch_size * params.batch_size
+    steps = total // params.batch_size
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total,
+        train_batch_size_samples=params.batch_size,
+        lr=params.lr,
+        lr_end=params.lr / 10,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=min(50, steps // 10),
+        lr_decay_steps=steps // 5,
+        device="cpu",
+        dead_feature_window=max(20, min(1000, steps // 10)),
+        feature_sampling_window=max(50, min(2000, steps // 5)),
+        n_checkpoints=4 if checkpoint_dir else 0,
+        checkpoint_path=str(checkpoint_dir) if checkpoint_dir else None,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=1,
+    )
+    hooks = {name: tl_hook_name(layer) for name, layer in names.items()}
+    trainer = MultiSAETrainer(trainer_cfg, saes, hooks, data_provider=ShardBatches(data, params.batch_size, params.seed))
+    latest = _latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        trainer.load_checkpoint(latest)
+    trainer.data_provider.step = trainer.n_training_steps
+    trained = trainer.fit()
+    result = {}
+    for name, sae in trained.items():
+        layer = names[name]
+        sae.fold_activation_norm_scaling_factor(info[layer]["scale"])
+        with torch.no_grad():
+            sae.b_dec += centres[layer].to(sae.b_dec.dtype)
+        save_sae_fp16(sae, out / name)
+        result[layer] = sae
+    return result, info
