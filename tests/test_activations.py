@@ -193,3 +193,25 @@ def test_bad_inputs_are_refused(tiny_lm, tiny_sae):
         activation_pass(tiny_lm, [tiny_sae], [[2, 5, 6]], window=4, after=4)
     with pytest.raises(ValueError, match="do not match"):
         from_residuals([tiny_sae], [(np.zeros((2, 5), np.int32), {2: np.zeros((3, 5, 64), np.float32)})], 2)
+
+
+def test_feature_data_from_precomputed_residuals_equals_the_model_pass(tmp_path, tiny_lm):
+    """compute_many with ``residuals`` (the bundle's cached shards) gives the same feature data under the same
+    cache key as its own model pass, and refuses residuals of other text."""
+    from saesteer.features import compute_many
+    from saesteer.store import Store
+
+    sae = make_tiny_sae(layer=2, seed=7)
+    seqs = _corpus(tiny_lm, n=12, seed=3, ragged=False)
+    kw = {"n_tokens": None, "use_bundled": False, "batch_sequences": 4}
+    [a] = compute_many(tiny_lm, [sae], seqs, store=Store(tmp_path / "a"), **kw)
+    [b] = compute_many(tiny_lm, [sae], seqs, store=Store(tmp_path / "b"), residuals=lambda: _residual_batches(tiny_lm, seqs, [2], 4), **kw)
+    assert a.meta["key"] == b.meta["key"]
+    np.testing.assert_array_equal(a.table["density"].to_numpy(), b.table["density"].to_numpy())
+    np.testing.assert_allclose(a.table["input_score"].to_numpy(), b.table["input_score"].to_numpy(), equal_nan=True)
+    np.testing.assert_allclose(a.table["max_activation"].to_numpy(), b.table["max_activation"].to_numpy(), rtol=1e-5)
+    other = _corpus(tiny_lm, n=12, seed=4, ragged=False)
+    with pytest.raises(ValueError, match="do not match the corpus"):
+        compute_many(tiny_lm, [sae], seqs, store=Store(tmp_path / "c"), residuals=lambda: _residual_batches(tiny_lm, other, [2], 4), **kw)
+    with pytest.raises(ValueError, match="cover 8 of the corpus' 12"):
+        compute_many(tiny_lm, [sae], seqs, store=Store(tmp_path / "d"), residuals=lambda: _residual_batches(tiny_lm, seqs[:8], [2], 4), **kw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +25,9 @@ from .activations import (
     TOP_N,
     WINDOW,
     ActivationStats,
+    ResidualBatch,
     activation_pass,
+    from_residuals,
     limit_tokens,
 )
 from .config import EMBEDDED_MODEL, ScoreParams
@@ -422,8 +424,13 @@ def compute_many(
     window: int = WINDOW,
     after: int = AFTER,
     use_bundled: bool = True,
+    residuals: Callable[[], Iterable[ResidualBatch]] | None = None,
 ) -> list[FeatureData]:
     """Feature data for several SAEs of one model; their activation statistics come from one shared pass.
+
+    ``residuals``, when given, yields precomputed residual batches of exactly these corpus sequences, in order
+    (e.g. ``activations.iter_residual_shards`` of the collection that read them): the statistics then come from
+    them instead of a model pass, with the same cache key. Each batch's token ids are checked against the corpus.
 
     ``only="output"`` skips the corpus (input score, density, max activation and contexts are NaN/empty);
     ``only="input"`` skips the output scores. ``features`` restricts the rows (the activation pass still sees
@@ -478,8 +485,12 @@ def compute_many(
                 missing.append(s)
         if missing:
             total = sum(sum(t != lm.tokenizer.bos_token_id for t in q) for q in seqs)
-            fresh = activation_pass(lm, missing, seqs, None, batch_sequences, top_n, window, after,
-                                    progress=lambda done, _t: report("activations", done, total))
+            if residuals is None:
+                fresh = activation_pass(lm, missing, seqs, None, batch_sequences, top_n, window, after,
+                                        progress=lambda done, _t: report("activations", done, total))
+            else:
+                fresh = from_residuals(missing, _matching(residuals(), seqs), lm.tokenizer.bos_token_id, total, top_n,
+                                       window, after, progress=lambda done, _t: report("activations", done, total))
             for s, st in zip(missing, fresh):
                 stats[s.id] = st
                 store.save_arrays(keys[s.id], "activations.npz", _stats_to_arrays(st))
@@ -509,6 +520,22 @@ def compute_many(
         }
         results[s.id] = build_feature_data(lm, lens, out, stats.get(s.id), meta)
     return [results[s.id] for s in saes]
+
+
+def _matching(batches: Iterable[ResidualBatch], seqs: list[list[int]]) -> Iterator[ResidualBatch]:
+    """The residual batches, refusing any whose token ids are not the next corpus sequences."""
+    row = 0
+    for ids, resid in batches:
+        ids = np.asarray(ids)
+        want = seqs[row : row + len(ids)]
+        if row >= len(seqs):
+            return
+        if any(list(map(int, got[: len(w)])) != list(w) for got, w in zip(ids, want)):
+            raise ValueError(f"precomputed residuals do not match the corpus at sequence {row}: they were collected from other text")
+        row += len(ids)
+        yield ids, resid
+    if row < len(seqs):
+        raise ValueError(f"precomputed residuals cover {row} of the corpus' {len(seqs)} sequences")
 
 
 def compute_feature_data(
