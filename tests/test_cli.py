@@ -34,8 +34,28 @@ def test_info_json(env, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == {"name": "tiny-gemma3", "n_layers": 4, "d_model": 64, "vocab_size": len(env["lm"].tokenizer), "device": "cpu"}
     assert out["saes"] == [
-        {"id": "tiny-L2", "layer": 2, "width": 128, "hook": "blocks.2.hook_resid_post", "path": str(env["root"] / EMBEDDED_MODEL / "L2")}
+        {"id": "tiny-L2", "layer": 2, "width": 128, "hook": "blocks.2.hook_resid_post", "path": str(env["root"] / EMBEDDED_MODEL / "L2"),
+         "diagnostics": None}
     ]
+
+
+def test_info_diagnoses_a_chosen_sae_on_heldout_text(env, capsys):
+    from saesteer.diagnostics import diagnose, heldout_residuals, heldout_sequences
+
+    assert main(["info", "--json", "--layer", "2", "--diagnose-tokens", "512"]) == 0
+    got = json.loads(capsys.readouterr().out)["diagnosed"]
+    lm = env["lm"]
+    sae = saes.load_sae(SaeSpec(layer=2), lm)
+    want = diagnose(sae, heldout_residuals(lm, [2], heldout_sequences(lm, 512))[2]).to_dict()
+    assert got["id"] == "tiny-L2"
+    g = got["diagnostics"]
+    assert [x["latent"] for x in g["dense_latents"]] == [x["latent"] for x in want["dense_latents"]]
+    for key in ("n_tokens", "n_dense", "peak_is_dense", "median_peak_share", "median_peak_density"):
+        assert g[key] == pytest.approx(want[key], rel=1e-5), key
+    assert main(["info", "--layer", "2", "--diagnose-tokens", "512"]) == 0
+    assert "tiny-L2: At " in capsys.readouterr().out
+    assert main(["info", "--layer", "2", "--diagnose-tokens", "5"]) == 2
+    assert "at least 128" in capsys.readouterr().err
 
 
 def test_info_table(env, capsys):

@@ -108,7 +108,7 @@ def diagnose(sae: LoadedSae, resid: torch.Tensor, dense_threshold: float = DENSE
     latents = []
     for f, parts in shares.items():
         s = torch.cat(parts)
-        latents.append(DenseLatent(f, float(density[f]), float(peak_counts[f] / len(peak)), float(s.median()) if len(s) else 0.0))
+        latents.append(DenseLatent(f, float(density[f]), float(peak_counts[f] / len(peak)), float(np.median(s.numpy())) if len(s) else 0.0))
     return SaeDiagnostics(
         sae_id=sae.id, layer=sae.layer, n_tokens=len(resid), dense_threshold=dense_threshold, dense_latents=latents,
         n_dense=len(dense_ids), peak_is_dense=float((peak_density > dense_threshold).mean()),
@@ -172,3 +172,24 @@ def prompt_strength(lm: LoadedModel, sae: LoadedSae, prompt: str, density: np.nd
     j = int(a.argmax())
     dens = None if density is None or not np.isfinite(density[j]) else float(density[j])
     return PromptStrength(prompt, j, float(a[j]), float(x.float().norm()), dens)
+
+
+def from_dict(d: dict) -> SaeDiagnostics:
+    """The inverse of :meth:`SaeDiagnostics.to_dict` (e.g. a bundled SAE's manifest entry)."""
+    return SaeDiagnostics(**{**d, "dense_latents": [DenseLatent(**x) for x in d.get("dense_latents", [])]})
+
+
+def heldout_sequences(lm: LoadedModel, n_tokens: int, context_size: int = 128) -> np.ndarray:
+    """Token rows (BOS first) of the bundled corpus' held-out split, which no bundled SAE trained on."""
+    from .bundle import tokenize_corpus
+    from .corpus import iter_bundled
+
+    return tokenize_corpus(lm.tokenizer, iter_bundled("heldout"), n_tokens, context_size)
+
+
+def measure(lm: LoadedModel, sae: LoadedSae, n_tokens: int = 8192) -> SaeDiagnostics:
+    """:func:`diagnose` on ``n_tokens`` held-out tokens of the bundled corpus, for any SAE of the model."""
+    if n_tokens < 128:
+        raise ValueError(f"n_tokens={n_tokens} is too few to measure densities: use at least 128")
+    resid = heldout_residuals(lm, [sae.layer], heldout_sequences(lm, n_tokens))[sae.layer]
+    return diagnose(sae, resid)

@@ -1,0 +1,71 @@
+"""Dense-latent diagnostics against a brute-force count, and what sets paper-mode strength at a prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_sae
+
+from saesteer.diagnostics import diagnose, from_dict, prompt_strength
+from saesteer.steering import capture_residuals
+
+
+def _planted(tiny_sae):
+    """Latent 5 fires on every token (a huge encoder bias), so it is the peak everywhere."""
+    with torch.no_grad():
+        tiny_sae.sae.b_enc[5] = 50.0
+    return tiny_sae
+
+
+def test_diagnose_equals_a_direct_count(tiny_sae):
+    sae = _planted(tiny_sae)
+    x = torch.randn(300, 64)
+    d = diagnose(sae, x, batch=64)
+    with torch.no_grad():
+        a = sae.sae.encode(x)
+    density = (a > 0).float().mean(0).numpy()
+    peak = a.argmax(1).numpy()
+    norms = np.array([float(sae.directions([f]).norm()) for f in range(sae.width)])
+    share = a.max(1).values.detach().numpy() * norms[peak] / x.norm(dim=1).numpy()
+    assert d.n_tokens == 300 and d.n_dense == int((density > 0.5).sum())
+    assert d.peak_is_dense == pytest.approx(float((density[peak] > 0.5).mean()))
+    assert d.median_peak_share == pytest.approx(float(np.median(share)), rel=1e-5)
+    assert d.median_peak_density == pytest.approx(float(np.median(density[peak])))
+    top = d.dense_latents[0]
+    assert top.latent == 5 and top.density == 1.0 and top.peak_share == pytest.approx(float((peak == 5).mean()))
+    fires = a[:, 5] > 0
+    assert top.norm_share == pytest.approx(float(np.median((a[fires, 5].detach().numpy() * norms[5] / x[fires].norm(dim=1).numpy()))), rel=1e-5)
+    assert "bias-like" in d.summary()
+    assert from_dict(d.to_dict()) == d
+
+
+def test_diagnose_of_an_sae_without_dense_latents():
+    sae = make_tiny_sae(seed=3)
+    with torch.no_grad():
+        sae.sae.b_enc.fill_(-3.0)  # nothing fires unless the input points along it
+    d = diagnose(sae, torch.randn(200, 64))
+    assert d.n_dense == 0 and d.dense_latents == [] and d.peak_is_dense == 0.0
+    assert "a real feature" in d.summary()
+    with pytest.raises(ValueError, match="tokens > 0"):
+        diagnose(sae, torch.zeros(0, 64))
+
+
+def test_prompt_strength_names_the_latent_paper_mode_uses(tiny_lm, tiny_sae):
+    sae = _planted(tiny_sae)
+    prompt = "the king of france"
+    ids = tiny_lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad(), capture_residuals(tiny_lm, [2]) as acts:
+        tiny_lm.model(input_ids=ids)
+        a = sae.sae.encode(acts[2][:, -1])[0]
+    density = np.full(sae.width, 0.01)
+    density[5] = 1.0
+    ps = prompt_strength(tiny_lm, sae, prompt, density)
+    assert ps.latent == int(a.argmax()) == 5
+    assert ps.activation == pytest.approx(float(a.max()))
+    assert ps.resid_norm == pytest.approx(float(acts[2][0, -1].norm()))
+    norm = float(sae.directions([7]).norm())
+    assert ps.amp1_share(norm) == pytest.approx(ps.activation * norm / ps.resid_norm)
+    text = ps.explain(norm)
+    assert "set by latent 5, which fires on every token" in text and text.startswith("amp 1 adds ")
+    assert "density is not measured" in prompt_strength(tiny_lm, sae, prompt).explain(norm)
