@@ -13,7 +13,7 @@ measures them and recomputes the shipped feature data. Every stage resumes where
 4. ``features``: the input-score pass over every collected training token (read back from the shards, not
    re-run), logit lens and output scores; the top contexts trimmed for shipping under ``assets/features``.
 
-    python scripts/rebuild_bundle.py --init work/old_saes [--tokens 1050000] [--epochs 1] [--stages all]
+    python scripts/rebuild_bundle.py --init DIR_OF_THE_FIRST_BUILD [--stages collect,train,measure,features]
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ def main() -> None:
     ap.add_argument("--init", type=Path, required=True, help="the previous bundle's SAE folder (one sub-folder per SAE id)")
     ap.add_argument("--work", type=Path, default=Path("work/rebuild"), help="shards, checkpoints, trained SAEs (resumable)")
     ap.add_argument("--out", type=Path, default=BUNDLED_ROOT / "gemma-3-270m", help="where the SAEs and manifest are installed")
-    ap.add_argument("--tokens", type=int, default=1_050_000, help="training tokens collected (all feed the input-score pass)")
+    ap.add_argument("--tokens", type=int, default=690_880, help="training tokens collected (all feed the input-score pass; 170 shards)")
     ap.add_argument("--heldout-tokens", type=int, default=140_000)
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--train-shards", type=int, default=74, help="the first N activation shards (4064 tokens each) train the SAEs; "
+    ap.add_argument("--epochs", type=float, default=2.5)
+    ap.add_argument("--train-shards", type=int, default=55, help="the first N activation shards (4064 tokens each) train the SAEs; "
                     "every collected shard feeds the input-score pass")
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}, or all")
