@@ -11,15 +11,17 @@ from saesteer.diagnostics import diagnose, from_dict, prompt_strength
 from saesteer.steering import capture_residuals
 
 
-def _planted(tiny_sae):
-    """Latent 5 fires on every token (a huge encoder bias), so it is the peak everywhere."""
+def _planted():
+    """A fresh tiny SAE (the shared fixture must not change) whose latent 5 fires on every token (a huge encoder
+    bias), so it is the peak everywhere."""
+    sae = make_tiny_sae(layer=2)
     with torch.no_grad():
-        tiny_sae.sae.b_enc[5] = 50.0
-    return tiny_sae
+        sae.sae.b_enc[5] = 50.0
+    return sae
 
 
-def test_diagnose_equals_a_direct_count(tiny_sae):
-    sae = _planted(tiny_sae)
+def test_diagnose_equals_a_direct_count():
+    sae = _planted()
     x = torch.randn(300, 64)
     d = diagnose(sae, x, batch=64)
     with torch.no_grad():
@@ -51,8 +53,8 @@ def test_diagnose_of_an_sae_without_dense_latents():
         diagnose(sae, torch.zeros(0, 64))
 
 
-def test_prompt_strength_names_the_latent_paper_mode_uses(tiny_lm, tiny_sae):
-    sae = _planted(tiny_sae)
+def test_prompt_strength_names_the_latent_paper_mode_uses(tiny_lm):
+    sae = _planted()
     prompt = "the king of france"
     ids = tiny_lm.tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad(), capture_residuals(tiny_lm, [2]) as acts:
