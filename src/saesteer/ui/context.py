@@ -18,6 +18,7 @@ import streamlit as st
 from ..config import EMBEDDED_MODEL, ConfigError, ModelSpec, SaeSpec
 from ..models import LoadedModel
 from ..saes import LoadedSae
+from ..subsets import subset_label
 from . import loaders, sae_picker
 from .nav import sidebar_links
 from .state import ViewState, check_path, looks_like_path, parse_query_params
@@ -290,6 +291,8 @@ def render_sidebar() -> AppContext:
                 ctx.data = loaders.load_feature_data(ctx.model_name, ctx.sae)
                 if ctx.data is None:
                     st.caption("Feature scores: not computed yet (see the Layers page).")
+                elif subset_label(ctx.data.meta):
+                    st.caption(f"Feature scores: {subset_label(ctx.data.meta)} (a subset; a feature's card offers to add it).")
                 elif not ctx.fixture and loaders.unsaved_feature_data(ctx.model_name, ctx.sae) is ctx.data:
                     st.warning(f"Feature scores kept in memory only: the cache folder {loaders.cache_root()} is not writable, "
                                "so they are lost when the app restarts.")
