@@ -297,3 +297,28 @@ def test_bad_exports_get_clear_messages(tmp_path, tiny_lm):
         neuronpedia.input_scores_from_exports({999: ()}, lens, tiny_lm.tokenizer)
     with pytest.raises(neuronpedia.ExportError, match="cannot read"):
         neuronpedia.read_exports([tmp_path / "missing.json"])
+
+
+def test_cli_scores_a_subset_of_a_gemma_scope_sae_offline(scope_hub, no_network, deep_lm, monkeypatch, tmp_path, capsys):
+    import pandas as pd
+
+    from saesteer import models
+    from saesteer.__main__ import main
+
+    write_scope_cache(scope_hub)
+    monkeypatch.setattr(models, "load_model", lambda spec=None: deep_lm)
+    out = tmp_path / "scores.csv"
+    assert main(["scores", "--sae", f"{SCOPE_RELEASE}:{SCOPE_ID}", "--features", "7,1,5-6", "--tokens", "3000", "--no-cache", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert table["feature"].tolist() == [1, 5, 6, 7]
+    sae = load_sae(SaeSpec(source="release", release=SCOPE_RELEASE, sae_id=SCOPE_ID), deep_lm)
+    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import iter_bundled
+
+    full = compute_many(deep_lm, [sae], pack_sequences(deep_lm.tokenizer, iter_bundled("train"), 128), n_tokens=3000, cache=False)[0].subset([1, 5, 6, 7])
+    for col in ("output_score", "input_score", "density", "max_activation"):
+        np.testing.assert_allclose(table[col].to_numpy(float), full.table[col].to_numpy(float), rtol=1e-5, atol=1e-7, err_msg=col)
+    assert main(["scores", "--sae", f"{SCOPE_RELEASE}:layer_12_width_16k_l0_small", "--features", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "layer_12_width_16k_l0_small" in err and "needs the hub once" in err
+    assert no_network == []
