@@ -104,7 +104,9 @@ def test_offline_pick_gives_one_clear_message_and_the_app_stays_up(scope_app, no
 def test_unknown_id_in_a_link_is_refused_with_a_message(scope_app):
     at = app(sae=f"{SCOPE_RELEASE}:layer_12_width_3k_l0_medium").run()
     no_exception(at)
-    assert any("unknown" in e.value or "has no SAE" in e.value for e in at.sidebar.error)
+    assert at.sidebar.radio(key="sb_sae_source").value == "gemmascope"
+    assert at.sidebar.selectbox(key="sb_gs_sae").value == SCOPE_ID  # the picker's defaults stand
+    assert any("link parameter 'sae' ignored" in w.value and "layer_12_width_3k_l0_medium" in w.value for w in at.sidebar.warning)
 
 
 def _wait(prefix: str):

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,7 +321,7 @@ def job_key(model_name: str, sae: LoadedSae) -> str:
     return f"{model_name}|{sae.id}|{sae.hook_name}"
 
 
-def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens: int = 200_000, features=None) -> Job:
+def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens: int = 200_000, features: Sequence[int] | None = None) -> Job:
     """Compute feature data for ``sae`` over the bundled corpus in the background and save it to the cache.
 
     The scoring pipeline caches its intermediate results too, so an interrupted job resumes where it stopped.

@@ -13,6 +13,7 @@ import streamlit as st
 
 from .. import gemmascope
 from ..config import SaeSpec
+from ..saes import SaeLoadError
 from .loaders import SaeChoice
 
 SOURCE = "gemmascope"
@@ -39,12 +40,13 @@ def apply_link(ref: str, set_: Setter) -> bool:
     release, sae_id = ref.split(":", 1)
     if not gemmascope.is_scope_release(release):
         return False
+    set_("sb_sae_source", SOURCE)
+    set_(KEYS["release"], release)
     try:
         scope = gemmascope.find(release, sae_id)
-    except Exception:  # an unknown id: the layer picker reports the refused link parameter
-        return False
-    set_("sb_sae_source", SOURCE)
-    for key, value in (("release", release), ("layer", scope.layer), ("width", scope.width_label), ("sae", sae_id)):
+    except SaeLoadError:  # an unknown id: the picker keeps its defaults and the sidebar reports the refused link
+        return True
+    for key, value in (("layer", scope.layer), ("width", scope.width_label), ("sae", sae_id)):
         set_(KEYS[key], value)
     return True
 

@@ -59,7 +59,11 @@ def render(ctx) -> None:
     """The choice of features, the measured estimate, the confirmation where needed, and the start button."""
     sae = ctx.sae
     width = sae.width
-    measured = rates(loaders.job_key(ctx.model_name, sae), ctx.lm, sae)
+    try:
+        measured = rates(loaders.job_key(ctx.model_name, sae), ctx.lm, sae)
+    except Exception as exc:  # no corpus, out of memory...: nothing can start, and the page says why
+        st.error(f"Could not measure what scoring costs here: {exc.__class__.__name__}: {exc}")
+        return
     features, problem = _chosen(width, sae.id)
     n_tokens = st.select_slider("Corpus tokens for the input side", options=TOKENS, value=200_000, key="cp_tokens")
     if problem:
