@@ -137,8 +137,13 @@ def test_scoring_a_subset_of_a_release_sae_uses_the_background_job_and_cache(sco
     no_exception(at)
     assert "4 of 128 features" in " ".join(c.value for c in at.sidebar.caption)
     assert sorted(at.dataframe[1].value["feature"].tolist()) == [1, 5, 6, 7]
-    at.session_state["feature"] = 9
+    at.session_state["feature"] = 5
     at.switch_page("pages/3_Feature_card.py").run()
+    no_exception(at)
+    links = [el.proto.url for el in at.get("link_button")]
+    assert links == ["https://www.neuronpedia.org/gemma-3-270m/12-gemmascope-2-res-16k/5"]  # from the yaml's Neuronpedia id
+    at.session_state["feature"] = 9
+    at.run()
     no_exception(at)
     assert any("not among the 4 of 128 features" in i.value for i in at.info)
     assert at.button(key="fc_add_feature")
