@@ -313,14 +313,19 @@ def measure_rates(
     params = params or ScoreParams()
     n = min(probe_features, sae.width)
     feats = np.arange(n, dtype=np.int64)
+    ids = _corpus_batch(corpus_sequences, probe_sequences).to(lm.device)
+    decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model.model
+    # warm-up: the first calls pay for allocations and thread start-up that a long run does not
+    warm = feats[: min(8, n)]
+    output_scores(lm, sae, ScoreParams(params.prompt, params.amp, params.top_k, len(warm)), features=warm)
+    with lm.lock, capture_residuals(lm, [sae.layer], stop=True):
+        run_until_stop(lambda: decoder(input_ids=ids[:1], use_cache=False))
     t0 = time.perf_counter()
     lens = logit_lens(lm, sae, k=params.top_k, features=feats)
     t1 = time.perf_counter()
     output_scores(lm, sae, ScoreParams(params.prompt, params.amp, params.top_k, min(params.batch_size, n)), features=feats, lens=lens)
     t2 = time.perf_counter()
 
-    ids = _corpus_batch(corpus_sequences, probe_sequences).to(lm.device)
-    decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model.model
     t3 = time.perf_counter()
     with lm.lock, capture_residuals(lm, [sae.layer], stop=True) as resid:
         run_until_stop(lambda: decoder(input_ids=ids, use_cache=False))
