@@ -3,8 +3,9 @@
     nice -n 5 python benchmarks/scope_cost.py [--layer 12] [--width 262144] [--check-features 1024] [--check-tokens 20000]
 
 No download: the SAE is a *random* JumpReLU SAE with Gemma Scope 2's shape (d_in 640, the given width) at
-``blocks.L.hook_resid_post`` of the embedded Gemma 3 270M, its threshold set so that about 60 latents fire per
-token (the yaml's "medium" L0). Costs do not depend on the weights' values, only on shapes and sparsity.
+``blocks.L.hook_resid_post`` of the embedded Gemma 3 270M, one global threshold aimed at ``--l0`` active latents
+per token (the yaml's "medium" L0 is 60; the run prints the L0 it got, 13.6 in the README's run). Costs depend on
+the shapes and, a little, on the sparsity, not on the weights' values.
 
 1. ``subsets.measure_rates`` (what the app runs before it offers to start) and the estimates it gives for
    every Gemma Scope 2 width over the app's default 200,000 corpus tokens;
