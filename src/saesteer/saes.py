@@ -59,6 +59,10 @@ class LoadedSae:
     def check_feature(self, feature: int) -> None:
         check_feature_id(feature, self.width, self.id)
 
+    def latent_max(self, x: torch.Tensor) -> torch.Tensor:
+        """``max_j a_j(x)`` over all of the SAE's latents (the paper's strength unit); x: (..., d_model)."""
+        return self.sae.encode(x).max()
+
 
 def check_feature_id(feature: int, width: int, sae_id: str) -> None:
     """Refuse anything but an integer feature id in 0..width-1, naming the SAE and the allowed range."""
@@ -121,10 +125,14 @@ def check_release(release: str, sae_id: str) -> None:
         raise SaeLoadError(f"release {release!r} has no SAE {sae_id!r}; it has e.g. {', '.join(list(ids)[:6])}")
 
 
-def _from_release(release: str, sae_id: str, device: str, dtype: str) -> object:
+def _from_release(release: str, sae_id: str, device: str, dtype: str, d_model: int | None = None) -> object:
     from sae_lens import SAE
 
+    from . import gemmascope
+
     check_release(release, sae_id)
+    if gemmascope.is_scope_release(release):
+        return gemmascope.load(release, sae_id, device, dtype, d_model)
     try:
         return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
     except (OSError, ConnectionError) as exc:
@@ -179,7 +187,7 @@ def load_sae(spec: SaeSpec, lm: LoadedModel | None = None, model_name: str = EMB
         sae = _from_disk(Path(path), device, dtype)
         sae_id = Path(path).name
     else:
-        sae = _from_release(spec.release, spec.sae_id, device, dtype)
+        sae = _from_release(spec.release, spec.sae_id, device, dtype, lm.d_model if lm is not None else None)
         sae_id, path = f"{spec.release}/{spec.sae_id}", None
     hook = _hook_name_of(sae)
     try:

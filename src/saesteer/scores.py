@@ -172,7 +172,7 @@ def _last_position_scale(lm: LoadedModel, sae: LoadedSae, ids: torch.Tensor, amp
     with lm.lock, capture_residuals(lm, [sae.layer], stop=True) as acts:
         run_until_stop(lambda: _decoder(lm)(input_ids=ids, use_cache=False))
     x_last = acts[sae.layer][:, -1].to(_sae_dtype(sae))  # (1, d_model)
-    return float(amp * sae.sae.encode(x_last).max().item())
+    return float(amp * sae.latent_max(x_last).item())
 
 
 def _decoder(lm: LoadedModel):

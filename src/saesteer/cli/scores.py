@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ..memory import HINT, OutOfMemory, is_out_of_memory
     from ..models import load_model
     from ..saes import load_sae
+    from ..subsets import can_restrict, compute_subset
 
     try:
         _check_args(args)
@@ -146,10 +147,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         bars = _Bars()
         try:
-            data = compute_many(
-                lm, [sae], sequences, params, n_tokens=args.tokens or DEFAULT_TOKENS, only=args.only, cache=not args.no_cache,
-                progress=bars, features=features, corpus_name=args.corpus,
-            )[0]
+            options = dict(n_tokens=args.tokens or DEFAULT_TOKENS, only=args.only, cache=not args.no_cache, progress=bars, corpus_name=args.corpus)
+            if features and can_restrict(sae):  # a wide JumpReLU/ReLU SAE: only these latents in the corpus pass
+                data = compute_subset(lm, sae, features, sequences, params, **options)
+            else:
+                data = compute_many(lm, [sae], sequences, params, features=features, **options)[0]
         except (CorpusError, FeatureDataError, OutOfMemory, ValueError) as exc:  # ValueError: e.g. a corpus with no tokens
             return fail(str(exc))
         except (RuntimeError, MemoryError) as exc:  # out of memory outside the batched output scores (the corpus pass)

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from .. import plots
+from . import neuronpedia_panel, score_plan
 from .common import require_data
 from .context import FEATURE, AppContext, select_feature
 from .data import card_dict, context_max_tokens, lens_frames
@@ -63,7 +64,7 @@ def render(ctx: AppContext) -> None:
     feature = feature_picker(ctx, "fc_feature")
     rows = data.table[data.table["feature"] == feature]
     if rows.empty:
-        st.warning(f"feature {feature} has no row in the scores table")
+        score_plan.offer_feature(ctx, data, feature)
         st.stop()
     row = rows.iloc[0]
     top = split_tokens(row["top_tokens"])
@@ -90,6 +91,7 @@ def render(ctx: AppContext) -> None:
         key="fc_vector",
         on_click="ignore",
     )
+    neuronpedia_panel.link(ctx.sae, feature)
 
     lens_tab, out_tab, in_tab, ctx_tab, act_tab = st.tabs(["Logit lens", "Output score", "Input score", "Top contexts", "Activations"])
     top_frame, bottom_frame = lens_frames(data, feature)
@@ -123,6 +125,7 @@ def render(ctx: AppContext) -> None:
             st.dataframe(pd.DataFrame({"context": range(1, len(max_tokens) + 1), "max token": max_tokens, "activation": [c.activation for c in contexts], "in lens top-k": hits}), hide_index=True, key="fc_in_details")
         else:
             st.markdown("No recorded contexts: this feature never fired on the corpus pass.")
+        neuronpedia_panel.import_panel(ctx, data, feature)
     with ctx_tab:
         n_show = st.slider("Contexts shown", 1, max(1, len(contexts)), min(20, max(1, len(contexts))), key="fc_n_ctx") if len(contexts) > 1 else 1
         st.html(contexts_html(contexts, limit=n_show))

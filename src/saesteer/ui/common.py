@@ -6,7 +6,7 @@ import time
 
 import streamlit as st
 
-from . import loaders
+from . import loaders, score_plan
 from .context import AppContext
 
 
@@ -42,6 +42,9 @@ def compute_panel(ctx: AppContext) -> None:
         st.error(f"The last computation failed: {job.error}")
     elif job is not None and job.done:
         st.warning(f"A computation finished but left no data in {job.target}; compute again.")
+    if score_plan.applies(ctx.sae):  # JumpReLU and ReLU SAEs: all or some features, the measured cost first
+        score_plan.render(ctx)
+        return
     n_tokens = st.select_slider("Corpus tokens for the input side", options=[20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000], value=200_000, key="cp_tokens")
     if st.button("Compute feature scores", type="primary", key="cp_start"):
         loaders.start_feature_job(ctx.model_name, ctx.lm, ctx.sae, n_tokens=n_tokens)

@@ -18,7 +18,8 @@ import streamlit as st
 from ..config import EMBEDDED_MODEL, ConfigError, ModelSpec, SaeSpec
 from ..models import LoadedModel
 from ..saes import LoadedSae
-from . import loaders
+from ..subsets import subset_label
+from . import loaders, sae_picker
 from .nav import sidebar_links
 from .state import ViewState, check_path, looks_like_path, parse_query_params
 
@@ -129,6 +130,8 @@ def _apply_query_params() -> None:
         if Path(view.sae).expanduser().is_dir():
             _set("sb_sae_source", "local")
             _set("sb_sae_path", view.sae)
+        elif sae_picker.apply_link(view.sae, _set):
+            pass  # a Gemma Scope 2 SAE: its picker now names it
         elif ":" in view.sae:
             release, _ = view.sae.split(":", 1)
             _set("sb_sae_source", "release")
@@ -187,7 +190,12 @@ def _confine(path: str, what: str) -> None:
 def _sae_choices(ctx: AppContext) -> list[loaders.SaeChoice]:
     if ctx.fixture:
         return loaders.sae_choices(ctx.model_name)
-    source = _kept(st.radio, "SAE source", "sb_sae_source", options=list(SAE_SOURCES), format_func=SAE_SOURCES.get, horizontal=True)
+    sources = {"bundled": SAE_SOURCES["bundled"], **sae_picker.sources(ctx.model_name), **SAE_SOURCES}
+    if _get("sb_sae_source") not in sources:
+        _set("sb_sae_source", "bundled")
+    source = _kept(st.radio, "SAE source", "sb_sae_source", options=list(sources), format_func=sources.get, horizontal=True)
+    if source == sae_picker.SOURCE:
+        return [sae_picker.choose(ctx.model_name, _kept, _get, _set, ctx.lm.d_model)]
     if source == "bundled":
         choices = loaders.sae_choices(ctx.model_name, "bundled")
         if not choices:
@@ -228,6 +236,8 @@ def _layer_picker(choices: list[loaders.SaeChoice]) -> loaders.SaeChoice:
             st.session_state.setdefault(_QP_PROBLEMS, []).append(f"link parameter 'layer' ignored: no SAE at layer {want}; layers with an SAE: {have}")
     if _get("sb_sae_ref") not in by_ref:
         _set("sb_sae_ref", refs[0])
+    if len(refs) == 1:  # one SAE (a Gemma Scope 2 pick, a local directory): nothing to choose here
+        return by_ref[refs[0]]
     ref = _kept(st.selectbox, "Layer", "sb_sae_ref", options=refs, format_func=lambda r: by_ref[r].label, help="the SAEs available for this model and source")
     return by_ref[ref]
 
@@ -281,6 +291,8 @@ def render_sidebar() -> AppContext:
                 ctx.data = loaders.load_feature_data(ctx.model_name, ctx.sae)
                 if ctx.data is None:
                     st.caption("Feature scores: not computed yet (see the Layers page).")
+                elif subset_label(ctx.data.meta):
+                    st.caption(f"Feature scores: {subset_label(ctx.data.meta)} (a subset; a feature's card offers to add it).")
                 elif not ctx.fixture and loaders.unsaved_feature_data(ctx.model_name, ctx.sae) is ctx.data:
                     st.warning(f"Feature scores kept in memory only: the cache folder {loaders.cache_root()} is not writable, "
                                "so they are lost when the app restarts.")

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,9 +192,15 @@ def _fingerprint(sae: LoadedSae, fn) -> str:
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def subset_feature_dir(model_name: str, sae: LoadedSae) -> Path:
+    """Where the app keeps feature data of a subset of the SAE's features (the latest subset scored)."""
+    full = cache_feature_dir(model_name, sae)
+    return full.with_name(full.name + "-subset")
+
+
 def feature_data_dir(model_name: str, sae: LoadedSae) -> Path | None:
-    """Where this SAE's feature data lies (bundled first, then the cache), or None if nowhere yet."""
-    for path in (bundled_feature_dir(model_name, sae.id), cache_feature_dir(model_name, sae)):
+    """Where this SAE's feature data lies (bundled first, then the cache, then a subset), or None if nowhere yet."""
+    for path in (bundled_feature_dir(model_name, sae.id), cache_feature_dir(model_name, sae), subset_feature_dir(model_name, sae)):
         if _has_data(path):
             return path
     return None
@@ -315,13 +321,14 @@ def job_key(model_name: str, sae: LoadedSae) -> str:
     return f"{model_name}|{sae.id}|{sae.hook_name}"
 
 
-def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens: int = 200_000) -> Job:
+def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens: int = 200_000, features: Sequence[int] | None = None) -> Job:
     """Compute feature data for ``sae`` over the bundled corpus in the background and save it to the cache.
 
     The scoring pipeline caches its intermediate results too, so an interrupted job resumes where it stopped.
     When the cache cannot be written, the result stays in memory (``job.result``) until the server restarts.
+    ``features``: only these feature ids, on the SAE restricted to them (``subsets.compute_subset``).
     """
-    target = cache_feature_dir(model_name, sae)
+    target = cache_feature_dir(model_name, sae) if features is None else subset_feature_dir(model_name, sae)
 
     def work(report: Callable[[float, str], None]) -> None:
         from ..bundle import pack_sequences
@@ -332,7 +339,12 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
             report(done / total if total else 0.0, f"{stage}: {done:,}" + (f" of {total:,}" if total else ""))
 
         sequences = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
-        data = compute_many(lm, [sae], sequences, n_tokens=n_tokens, progress=progress, corpus_name="bundled")[0]
+        if features is not None:
+            from ..subsets import compute_subset
+
+            data = compute_subset(lm, sae, features, sequences, n_tokens=n_tokens, progress=progress, corpus_name="bundled")
+        else:
+            data = compute_many(lm, [sae], sequences, n_tokens=n_tokens, progress=progress, corpus_name="bundled")[0]
         try:
             data.save(target)
         except OSError:  # a read-only cache: keep the result in memory for this process (the page says so)
