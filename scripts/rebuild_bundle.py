@@ -127,6 +127,7 @@ def main() -> None:
         for l in LAYERS:
             sae_id = sae_id_for(l, params.width, params.k)
             held = torch.from_numpy(load_shards(work / "acts_heldout", l))
+            n_held = len(held)
             before = diagnose(_as_loaded(_load_dir(args.init / sae_id), l, sae_id), held)
             after = diagnose(_as_loaded(new[l], l, sae_id), held)
             metrics = {**reconstruction_metrics(new[l], held), **ce[l]}
@@ -148,7 +149,7 @@ def main() -> None:
             "tokens_collected": timings.get("train_tokens"),
             "tokens_trained_on": timings.get("train_tokens_used"),
             "token_visits_per_sae": int(timings.get("train_tokens_used", 0) * args.epochs),
-            "heldout_tokens": int(len(torch.from_numpy(load_shards(work / "acts_heldout", LAYERS[0])))),
+            "heldout_tokens": n_held,
             "ce_heldout_tokens": int(min(64, len(held_ids)) * (held_ids.shape[1] - 2)),
             "seed": params.seed,
             "hyperparameters": {k: v for k, v in vars(params).items() if k != "extra"},

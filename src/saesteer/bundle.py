@@ -102,7 +102,6 @@ def train_saes(
     ``arrays``: layer -> (tokens, d_model) fp16 tensor. Saves each SAE (inference format) to
     ``out/<sae id>/`` and returns layer -> SAE. Resumes from the newest checkpoint in ``checkpoint_dir``.
     """
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -126,22 +125,8 @@ def train_saes(
                                  prepend_bos=True, dataset_path="saesteer bundled corpus"),
         )
         saes[name] = TopKTrainingSAE(cfg)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=total,
-        train_batch_size_samples=params.batch_size,
-        lr=params.lr,
-        lr_end=params.lr / 10,
-        lr_scheduler_name="constant",
-        lr_warm_up_steps=min(200, steps // 10),
-        lr_decay_steps=steps // 5,
-        device=device,
-        dead_feature_window=max(20, min(1000, steps // 40)),
-        feature_sampling_window=max(50, min(2000, steps // 5)),
-        n_checkpoints=4 if checkpoint_dir else 0,
-        checkpoint_path=str(checkpoint_dir) if checkpoint_dir else None,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=min(50, steps),
-    )
+    trainer_cfg = _trainer_config(params, total, device, checkpoint_dir, warm_up_cap=200, dead_window_divisor=40,
+                                  n_norm_batches=min(50, steps))
     hooks = {name: tl_hook_name(layer) for name, layer in names.items()}
     data = {tl_hook_name(layer): arr for layer, arr in arrays.items()}
     trainer = MultiSAETrainer(trainer_cfg, saes, hooks, data_provider=ShardBatches(data, params.batch_size, params.seed))
@@ -157,6 +142,31 @@ def train_saes(
         save_sae_fp16(sae, out / name)
         result[layer] = sae
     return result
+
+
+def _trainer_config(params, total: int, device: str, checkpoint_dir: Path | None, warm_up_cap: int,
+                    dead_window_divisor: int, n_norm_batches: int):
+    """sae-lens' trainer settings shared by a from-scratch build and a fine-tune: constant Adam lr with warm-up and
+    a decay over the last fifth; windows scaled to the run's number of steps."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    steps = total // params.batch_size
+    return SAETrainerConfig(
+        total_training_samples=total,
+        train_batch_size_samples=params.batch_size,
+        lr=params.lr,
+        lr_end=params.lr / 10,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=min(warm_up_cap, steps // 10),
+        lr_decay_steps=steps // 5,
+        device=device,
+        dead_feature_window=max(20, min(1000, steps // dead_window_divisor)),
+        feature_sampling_window=max(50, min(2000, steps // 5)),
+        n_checkpoints=4 if checkpoint_dir else 0,
+        checkpoint_path=str(checkpoint_dir) if checkpoint_dir else None,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_batches_for_norm_estimate=n_norm_batches,
+    )
 
 
 def _latest_checkpoint(root: Path | None) -> Path | None:
@@ -469,7 +479,6 @@ def finetune_saes(
     and kept only as centred fp16 copies. Returns layer -> trained SAE and layer -> what was done (centre norm,
     scale, re-initialised latents).
     """
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -497,29 +506,13 @@ def finetune_saes(
         data[tl_hook_name(layer)] = centred_scaled(x, centre, scale)
         centres[layer] = centre
         info[layer] = {
-            "mean_norm": float(centre.norm()), "scale": scale,
+            "centre_norm": float(centre.norm()), "scale": scale,
             "reinitialised_latents": [int(i) for i in torch.nonzero(dense).flatten()],
             "reinitialised_densities": [round(float(density[i]), 4) for i in torch.nonzero(dense).flatten()],
         }
         del x  # the float32 copy; the centred fp16 one trains
     total = int(n_tokens * params.epochs) // params.batch_size * params.batch_size
-    steps = total // params.batch_size
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=total,
-        train_batch_size_samples=params.batch_size,
-        lr=params.lr,
-        lr_end=params.lr / 10,
-        lr_scheduler_name="constant",
-        lr_warm_up_steps=min(50, steps // 10),
-        lr_decay_steps=steps // 5,
-        device="cpu",
-        dead_feature_window=max(20, min(1000, steps // 10)),
-        feature_sampling_window=max(50, min(2000, steps // 5)),
-        n_checkpoints=4 if checkpoint_dir else 0,
-        checkpoint_path=str(checkpoint_dir) if checkpoint_dir else None,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_batches_for_norm_estimate=1,
-    )
+    trainer_cfg = _trainer_config(params, total, "cpu", checkpoint_dir, warm_up_cap=50, dead_window_divisor=10, n_norm_batches=1)
     hooks = {name: tl_hook_name(layer) for name, layer in names.items()}
     trainer = MultiSAETrainer(trainer_cfg, saes, hooks, data_provider=ShardBatches(data, params.batch_size, params.seed))
     latest = _latest_checkpoint(checkpoint_dir)

@@ -116,17 +116,13 @@ def diagnose(sae: LoadedSae, resid: torch.Tensor, dense_threshold: float = DENSE
     )
 
 
-@torch.no_grad()
 def heldout_residuals(lm: LoadedModel, layers: list[int], sequences: np.ndarray, batch: int = 16) -> dict[int, torch.Tensor]:
-    """Residuals (BOS dropped, flattened) at ``layers`` for token-id rows ``sequences`` (BOS first)."""
-    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    for i in range(0, len(sequences), batch):
-        ids = torch.as_tensor(sequences[i : i + batch], dtype=torch.long, device=lm.device)
-        with lm.lock, capture_residuals(lm, layers, stop=True) as acts:
-            run_until_stop(lambda: lm.model.model(input_ids=ids, use_cache=False))
-        for l in layers:
-            out[l].append(acts[l][:, 1:].reshape(-1, acts[l].shape[-1]).float().cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
+    """Residuals (BOS dropped, flattened, float32 on the CPU) at ``layers`` for token-id rows ``sequences`` (BOS
+    first): the bundle's own collection pass, under the model's lock since the model may be shared."""
+    from .bundle import collect_in_memory
+
+    with lm.lock:
+        return {l: x.cpu() for l, x in collect_in_memory(lm, sequences, layers, batch=batch).items()}
 
 
 @dataclass(frozen=True)

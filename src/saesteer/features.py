@@ -526,10 +526,10 @@ def _matching(batches: Iterable[ResidualBatch], seqs: list[list[int]]) -> Iterat
     """The residual batches, refusing any whose token ids are not the next corpus sequences."""
     row = 0
     for ids, resid in batches:
-        ids = np.asarray(ids)
-        want = seqs[row : row + len(ids)]
         if row >= len(seqs):
             return
+        ids = np.asarray(ids)
+        want = seqs[row : row + len(ids)]
         if any(list(map(int, got[: len(w)])) != list(w) for got, w in zip(ids, want)):
             raise ValueError(f"precomputed residuals do not match the corpus at sequence {row}: they were collected from other text")
         row += len(ids)
