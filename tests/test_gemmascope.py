@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, make_tiny_sae, write_scope_cache
 
 from saesteer import gemmascope, neuronpedia, subsets
 from saesteer.activations import activation_pass
 from saesteer.config import EMBEDDED_MODEL, SaeSpec
 from saesteer.features import compute_many
 from saesteer.saes import SaeLoadError, load_sae
+from saesteer.testing import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, make_tiny_sae, write_scope_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

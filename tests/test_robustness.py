@@ -43,7 +43,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import WORDS, make_tiny_sae
 from test_app import XSS, app, no_exception
 
 from saesteer import features as features_mod
@@ -120,7 +119,7 @@ def test_concurrent_sessions_get_their_solo_results_and_leave_no_hooks(tiny_lm):
 def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
     """Two AppTest sessions, run from two threads, share the cached tiny model (st.cache_resource) and click
     Generate at the same time with their own feature, strength, mode and prompt."""
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
     views = [
         {"layer": "2", "feature": "11", "strength": "8", "prompt": "the king of france"},
@@ -146,7 +145,7 @@ def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
     for t in threads:
         t.join()
     assert not errors, errors
-    parts = loaders._tiny_parts()
+    parts = sources.tiny_parts()
     lm, sae = parts["lm"], parts["saes"][2]
     for at, view in zip(sessions, views):
         no_exception(at)
@@ -360,7 +359,7 @@ def test_html_like_prompts_and_contexts_are_escaped(fixture_env):
 def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkeypatch):
     """Tokens placed into Markdown (the demo presets of the steering lab) go through ``md_token``: HTML-escaped
     and with Markdown syntax (links, emphasis) neutralised, so a token cannot render as a link or markup."""
-    from saesteer.ui import lab
+    from saesteer.ui.pages import lab
     from saesteer.ui.render import md_token
 
     tokens = ["[click](http://evil.example)", "**bold**", XSS[1]]
@@ -386,6 +385,7 @@ _STOP_AFTER_FIRST_CHUNK = """
 import sys, time
 from saesteer import store
 from saesteer.__main__ import main
+from saesteer.testing import WORDS, make_tiny_sae
 
 argv = sys.argv[1:]
 save = store.Store.save_arrays

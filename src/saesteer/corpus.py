@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-BUNDLED_CORPUS = ASSETS / "corpus" / "prose.jsonl.xz"
+from .paths import BUNDLED_CORPUS
+
 HELDOUT_PERCENT = 5
 
 

@@ -21,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bundled_saes(model_name: str) -> list[dict]:
     """SAEs shipped under assets/ for ``model_name``; none for a local directory or an unbundled hub id."""
-    from .. import saes
+    from .. import paths, saes
 
     if Path(model_name).expanduser().exists():
         return []
-    root = saes.bundled_root(model_name).resolve()
-    if not root.is_relative_to(saes.BUNDLED_ROOT.resolve()):
+    root = paths.bundled_sae_dir(model_name).resolve()
+    if not root.is_relative_to(paths.BUNDLED_SAES.resolve()):
         return []  # a name such as '../x' must not read a manifest outside assets/
     return [{**{k: e.get(k) for k in SAE_KEYS}, "diagnostics": e.get("diagnostics")} for e in saes.list_bundled(model_name)]
 
