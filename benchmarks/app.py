@@ -99,7 +99,7 @@ def main() -> int:
         if (data_dir / "meta.json").exists():
             print(f"no bundled feature data for {sae.id}: using the app's cached data in {data_dir}")
         else:
-            from saesteer.bundle import pack_sequences
+            from saesteer.corpus import pack_sequences
             from saesteer.corpus import iter_bundled
 
             print(f"no bundled feature data for {sae.id}: computing it over {args.corpus_tokens:,} corpus tokens into {data_dir} (not timed)…")

@@ -116,7 +116,7 @@ def head_agreement(lm, n_seqs: int = 16) -> None:
 
     import torch.nn.functional as F
 
-    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
     from saesteer.fasthead import available, screened_head
     from saesteer.steering import fast_model

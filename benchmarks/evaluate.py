@@ -164,7 +164,7 @@ def real_run(lm, sae, kind: str, n: int) -> None:
 def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     from saesteer import features as F
     from saesteer.baselines import LoraParams
-    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
     from saesteer.evaluate import (
         EvalParams,

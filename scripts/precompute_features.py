@@ -19,12 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from saesteer.bundle import pack_sequences  # noqa: E402
 from saesteer.config import SaeSpec  # noqa: E402
-from saesteer.corpus import iter_bundled  # noqa: E402
+from saesteer.corpus import iter_bundled, pack_sequences  # noqa: E402
 from saesteer.features import compute_many, trim_contexts  # noqa: E402
-from saesteer.paths import bundled_feature_dir  # noqa: E402
 from saesteer.models import load_model  # noqa: E402
+from saesteer.paths import bundled_feature_dir  # noqa: E402
 from saesteer.saes import list_bundled, load_sae  # noqa: E402
 
 

@@ -526,7 +526,7 @@ def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, m
 
 
 def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
-    from saesteer import evaluate, paths
+    from saesteer import evaluate
 
     res, _, out, _ = tiny_run
     packed = evaluate.pack_results(out, tmp_path / "packed" / "m" / "tiny")

@@ -48,9 +48,11 @@ from test_app import XSS, app, no_exception
 from saesteer import features as features_mod
 from saesteer.config import ModelSpec, SaeSpec, ScoreParams, SteerParams
 from saesteer.models import ModelLoadError, load_model
+from saesteer.paths import CACHE_ENV
 from saesteer.saes import load_sae
 from saesteer.scores import output_scores
 from saesteer.steering import generate, generate_pair, stream
+from saesteer.testing import WORDS, make_tiny_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
@@ -385,7 +387,6 @@ _STOP_AFTER_FIRST_CHUNK = """
 import sys, time
 from saesteer import store
 from saesteer.__main__ import main
-from saesteer.testing import WORDS, make_tiny_sae
 
 argv = sys.argv[1:]
 save = store.Store.save_arrays
@@ -414,7 +415,7 @@ def test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run(tiny_lm, tmp
     args = ["scores", "--model", str(model), "--sae", str(sae_dir), "--corpus", str(corpus), "--tokens", "600",
             "--context-size", "32", "--device", "cpu"]
 
-    env = {**os.environ, "SAESTEER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, CACHE_ENV: str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     log = tmp_path / "killed-job.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", _STOP_AFTER_FIRST_CHUNK, *args, "--out", str(tmp_path / "killed.parquet")],

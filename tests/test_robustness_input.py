@@ -21,7 +21,7 @@ import pytest
 import torch
 from test_app import app, no_exception
 
-from saesteer import models, paths, saes
+from saesteer import models, paths
 from saesteer import scores as scores_mod
 from saesteer.__main__ import main
 from saesteer.config import EMBEDDED_MODEL, ConfigError, ScoreParams, SteerParams

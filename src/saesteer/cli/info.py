@@ -34,12 +34,13 @@ def bundled_saes(model_name: str) -> list[dict]:
 def collect(args: argparse.Namespace) -> dict:
     from .. import models
 
+    model_spec = model_spec_from_args(args)
     spec = sae_spec_from_args(args) if (args.sae or args.layer is not None) else None
     if spec is not None:
-        precheck_sae(spec, args.model)
-    lm = models.load_model(model_spec_from_args(args))
+        precheck_sae(spec, model_spec.name)
+    lm = models.load_model(model_spec)
     d = lm.describe()
-    info = {"model": {k: d[k] for k in ("name", "n_layers", "d_model", "vocab_size", "device")}, "saes": bundled_saes(args.model)}
+    info = {"model": {k: d[k] for k in ("name", "n_layers", "d_model", "vocab_size", "device")}, "saes": bundled_saes(model_spec.name)}
     if spec is not None:
         from ..diagnostics import measure
         from ..saes import load_sae

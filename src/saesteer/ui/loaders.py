@@ -252,7 +252,7 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
     target = cache_feature_dir(model_name, sae) if features is None else subset_feature_dir(model_name, sae)
 
     def work(report: Callable[[float, str], None]) -> None:
-        from ..bundle import pack_sequences
+        from ..corpus import pack_sequences
         from ..corpus import iter_bundled
         from ..features import compute_many
 
