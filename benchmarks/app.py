@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["app.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
 
 
 def median(xs: list[float]) -> float:
@@ -118,7 +117,10 @@ def main() -> int:
     # --- the app through AppTest ---------------------------------------------------------------------
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    from saesteer.ui.nav import PAGES as NAV
+
+    pages = [info.path for info in NAV.values()]
+    at = AppTest.from_file(str(ROOT / NAV["home"].path), default_timeout=600)
     at.query_params.update({"layer": str(args.layer), "prompt": "From my experience,"})
     t0 = time.perf_counter()
     at.run()
@@ -126,11 +128,11 @@ def main() -> int:
     if at.exception:
         print("app raised:", [e.value for e in at.exception])
         return 1
-    for page in PAGES:  # warm every page once (plots, lens tokens, per-page caches)
+    for page in pages:  # warm every page once (plots, lens tokens, per-page caches)
         at.switch_page(page).run()
-    switches: dict[str, list[float]] = {p: [] for p in PAGES}
+    switches: dict[str, list[float]] = {p: [] for p in pages}
     for _ in range(args.repeats):
-        for page in PAGES:
+        for page in pages:
             t0 = time.perf_counter()
             at.switch_page(page).run()
             switches[page].append(time.perf_counter() - t0)
@@ -139,7 +141,7 @@ def main() -> int:
         print(f"  {page:<24} {median(times) * 1e3:7.0f} ms")
     print(f"  all pages                {median([t for ts in switches.values() for t in ts]) * 1e3:7.0f} ms")
 
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.slider(key="lab_max_new").set_value(8).run()
     firsts = []
     for i in range(args.repeats):

@@ -15,31 +15,39 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "src"))
 
 
 def smoke() -> None:
     import torch
-    from conftest import make_tiny_model, make_tiny_sae
-    from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 
-    from saesteer.evaluate import run_evaluation
+    from saesteer.baselines import LoraParams
+    from saesteer.evaluate import EvalParams, FeatureScores, run_evaluation
+    from saesteer.features import compute_many
     from saesteer.models import LoadedModel
     from saesteer.saes import LoadedSae
+    from saesteer.testing import EVAL_DOCS, EVAL_PREFIXES, make_tiny_model, make_tiny_sae
+
+    # The protocol at the smallest sizes that run every stage (test_evaluate's tiny run).
+    params = EvalParams(
+        strengths=(0.5, 4.0, 16.0), diffmean_coeffs=(0.5, 3.0), n_prefixes=4, max_new_tokens=6,
+        n_concept_texts=4, min_concept_texts=5, n_neutral_texts=8, lora=LoraParams(rank=2, steps=2, batch_size=2),
+    )
 
     cuda = torch.device("cuda")
     tiny = make_tiny_model()
     lm = LoadedModel(model=tiny.model.to(cuda), tokenizer=tiny.tokenizer, name=tiny.name, device=cuda, dtype=torch.float32)
     s = make_tiny_sae()
     sae = LoadedSae(sae=s.sae.to(cuda), id=s.id, hook_name=s.hook_name, layer=s.layer)
-    scores = _tiny_scores(lm, sae)
+    seqs = [lm.tokenizer(d.text).input_ids for d in EVAL_DOCS] * 4
+    data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
+    scores = FeatureScores.from_table(data.table, data.lens, "tiny")
     t0 = time.time()
-    res = run_evaluation(lm, sae, scores, ["zebra", "apple", "king", "dog"], "/tmp/smoke_eval", replace(TINY), prefixes=PREFIXES,
-                         n_concepts=2, docs=DOCS, log=print)
+    res = run_evaluation(lm, sae, scores, ["zebra", "apple", "king", "dog"], "/tmp/smoke_eval", params, prefixes=EVAL_PREFIXES,
+                         n_concepts=2, docs=EVAL_DOCS, log=print)
     print(res.methods().to_string(), flush=True)
     print(f"smoke ok in {time.time() - t0:.1f}s on {torch.cuda.get_device_name(0)}", flush=True)
 

@@ -44,7 +44,7 @@ def embedded_lm():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The app under AppTest (tests/test_app.py, tests/test_robustness*.py)
+# The app under AppTest (tests/test_app.py, tests/test_guarantees.py, tests/test_bad_input.py)
 
 
 @pytest.fixture

@@ -17,11 +17,14 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from saesteer.config import EMBEDDED_MODEL, ModelSpec
+from saesteer.text import split_tokens
 from saesteer.ui import render, search, state, sweep, tables
+from saesteer.ui.nav import PAGES as NAV
 from saesteer.ui.exports import card_json, scores_csv, steering_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
+#: Every page but the start page, in the app's order (``nav.PAGES``: the one page list).
+PAGES = [info.path for key, info in NAV.items() if key != "home"]
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 TIMEOUT = 120
 
@@ -91,7 +94,7 @@ def test_paths_resolve_symlinks_before_confinement(tmp_path):
 
 
 def split(joined: str) -> list[str]:
-    return tables.split_tokens(joined)
+    return split_tokens(joined)
 
 
 def test_tables_rank_filter_page_and_shares():
@@ -230,7 +233,7 @@ def app(**query):
     """An AppTest of app.py with ``query`` as the URL's query parameters."""
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / NAV["home"].path), default_timeout=TIMEOUT)
     at.query_params.update(query)
     return at
 
@@ -253,14 +256,14 @@ def test_every_page_renders_through_navigation(fixture_env):
     no_exception(at)
     assert "activation is not effect" in texts(at)
     assert any("Test fixture" in w.value for w in at.sidebar.warning)
-    for page in [*PAGES, "app.py"]:
+    for page in [*PAGES, NAV["home"].path]:
         at.switch_page(page).run()
         no_exception(at)
         assert at.title, f"{page} rendered no title"
         assert not at.error, f"{page}: {[e.value for e in at.error]}"
 
 
-@pytest.mark.parametrize("page", ["app.py", *PAGES])
+@pytest.mark.parametrize("page", [NAV["home"].path, *PAGES])
 def test_each_page_runs_on_its_own(fixture_env, page):
     from streamlit.testing.v1 import AppTest
 
@@ -271,7 +274,7 @@ def test_each_page_runs_on_its_own(fixture_env, page):
 
 def test_layer_picker_switches_sae_and_overview_shows_all_layers(fixture_env):
     at = app().run()
-    at.switch_page("pages/1_Layers_overview.py").run()
+    at.switch_page(NAV["layers"].path).run()
     no_exception(at)
     charts = at.get("plotly_chart")
     assert len(charts) >= 3  # distributions, shares, scatter
@@ -292,7 +295,7 @@ def _select_row(at, key: str, row: int):
 
 def test_selecting_a_ranked_row_opens_its_card(fixture_env):
     at = app().run()
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     no_exception(at)
     by_output = at.dataframe[1].value
     scores = by_output["output_score"].tolist()
@@ -312,7 +315,7 @@ def test_selecting_a_ranked_row_opens_its_card(fixture_env):
 
 def test_paging_and_search_filter_the_tables(fixture_env):
     at = app().run()
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     at.selectbox(key="fs_page_size").select(25).run()
     at.number_input(key="fs_page").set_value(2).run()
     no_exception(at)
@@ -332,7 +335,7 @@ def test_paging_and_search_filter_the_tables(fixture_env):
 
 def test_clicking_a_scatter_point_opens_its_card(fixture_env):
     at = app().run()
-    at.switch_page("pages/1_Layers_overview.py").run()
+    at.switch_page(NAV["layers"].path).run()
     at.session_state["ov_scatter"] = {"selection": {"points": [{"customdata": [42, "x"], "x": 0.5, "y": 0.1}], "point_indices": [0], "box": [], "lasso": []}}
     at.run()
     no_exception(at)
@@ -341,7 +344,7 @@ def test_clicking_a_scatter_point_opens_its_card(fixture_env):
 
 def test_steer_button_preselects_the_feature_in_the_lab(fixture_env):
     at = app(feature="7").run()
-    at.switch_page("pages/3_Feature_card.py").run()
+    at.switch_page(NAV["card"].path).run()
     at.button(key="fc_steer").click().run()
     no_exception(at)
     assert at.title[0].value == "Steering lab"
@@ -354,7 +357,7 @@ def test_lab_streams_the_same_text_as_generate(fixture_env):
     from saesteer.ui import sources
 
     at = app(layer="2", feature="11", strength="8").run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.text_area(key="lab_prompt").input("the king of france").run()
     at.button(key="lab_go").click().run()
     no_exception(at)
@@ -378,7 +381,7 @@ def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
     from saesteer.ui import sources
 
     at = app(layer="1", feature="3").run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.multiselect(key="lab_grid_paper").set_value([0.0, 2.0, 20.0]).run()
     at.button(key="lab_sweep").click().run()
     no_exception(at)
@@ -391,7 +394,7 @@ def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
 
 def test_demo_mode_runs_a_preset(fixture_env):
     at = app().run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.toggle(key="lab_demo").set_value(True).run()
     no_exception(at)
     tries = [b for b in at.button if b.key and b.key.startswith("lab_demo_")]
@@ -404,7 +407,7 @@ def test_demo_mode_runs_a_preset(fixture_env):
 
 def test_concept_search_lists_features_by_output_score(fixture_env):
     at = app().run()
-    at.switch_page("pages/4_Concept_search.py").run()
+    at.switch_page(NAV["concepts"].path).run()
     at.text_input(key="cs_concept").input("king").run()
     no_exception(at)
     if at.dataframe:
@@ -419,9 +422,9 @@ def test_query_params_reproduce_the_view(fixture_env):
     at = app(layer="2", feature="5", prompt="the queen", strength="3", mode="additive").run()
     no_exception(at)
     assert at.sidebar.selectbox(key="sb_sae_ref").value == "tiny-topk-L2"
-    at.switch_page("pages/3_Feature_card.py").run()
+    at.switch_page(NAV["card"].path).run()
     assert at.number_input(key="fc_feature").value == 5
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     no_exception(at)
     assert at.text_area(key="lab_prompt").value == "the queen"
     assert at.radio(key="lab_mode").value == "additive"
@@ -442,7 +445,7 @@ def test_bad_query_params_are_refused_with_a_message(fixture_env):
 
 def test_out_of_range_feature_is_reported(fixture_env):
     at = app(feature="100000").run()
-    at.switch_page("pages/3_Feature_card.py").run()
+    at.switch_page(NAV["card"].path).run()
     no_exception(at)
     assert any("does not exist" in e.value for e in at.error)
 
@@ -488,7 +491,7 @@ def test_sae_load_errors_are_errors_not_crashes(real_mode, monkeypatch, tiny_lm,
     no_exception(at)
     assert not at.sidebar.error
     assert "layer 3" in " ".join(c.value for c in at.sidebar.caption)
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     no_exception(at)
     assert any("No feature scores" in i.value for i in at.info)
     assert at.button(key="cp_start")
@@ -511,7 +514,7 @@ def test_feature_scores_are_computed_in_the_background_and_cached(real_mode, mon
     at = app().run()
     at.sidebar.radio(key="sb_sae_source").set_value("local").run()
     at.sidebar.text_input(key="sb_sae_path").input(str(sae_dir)).run()
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     at.select_slider(key="cp_tokens").set_value(20_000).run()
     at.button(key="cp_start").click().run()
     no_exception(at)
@@ -553,7 +556,7 @@ def test_lab_on_the_embedded_model(real_mode, tmp_path, monkeypatch):
     no_exception(at)
     assert not at.sidebar.error, [e.value for e in at.sidebar.error]
     assert "gemma-3-270m" in " ".join(c.value for c in at.sidebar.caption)
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.slider(key="lab_max_new").set_value(6).run()
     at.button(key="lab_go").click().run(timeout=300)
     no_exception(at)

@@ -17,8 +17,9 @@ from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 from saesteer import evaluate, paths
 from saesteer.evaluate import EvalResults, run_evaluation, run_progress
 from saesteer.ui import evaltables
+from saesteer.ui.nav import PAGES as NAV
 
-PAGE = "pages/6_Evaluation.py"
+PAGE = NAV["evaluation"].path
 RUN_SUBDIR = Path("eval") / "tiny-gemma3" / "tiny-topk-L2"  # where `eval` writes for the fixture's layer-2 SAE
 
 

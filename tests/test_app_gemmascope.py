@@ -14,6 +14,7 @@ from test_app import PAGES, app, no_exception, texts
 from saesteer import subsets
 from saesteer.testing import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, write_scope_cache
 from saesteer.ui import loaders, score_plan
+from saesteer.ui.nav import PAGES as NAV
 
 REF = f"{SCOPE_RELEASE}:{SCOPE_ID}"
 
@@ -121,7 +122,7 @@ def _wait(prefix: str):
 def test_scoring_a_subset_of_a_release_sae_uses_the_background_job_and_cache(scope_app, tmp_path):
     write_scope_cache(scope_app)
     at = _pick(app().run())
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     no_exception(at)
     assert "per feature" in texts(at) and "Estimated from a measurement on this machine" in texts(at)
     at.radio(key="cp_scope").set_value("ids").run()
@@ -138,7 +139,7 @@ def test_scoring_a_subset_of_a_release_sae_uses_the_background_job_and_cache(sco
     assert "4 of 128 features" in " ".join(c.value for c in at.sidebar.caption)
     assert sorted(at.dataframe[1].value["feature"].tolist()) == [1, 5, 6, 7]
     at.session_state["feature"] = 5
-    at.switch_page("pages/3_Feature_card.py").run()
+    at.switch_page(NAV["card"].path).run()
     no_exception(at)
     links = [el.proto.url for el in at.get("link_button")]
     assert links == ["https://www.neuronpedia.org/gemma-3-270m/12-gemmascope-2-res-16k/5"]  # from the yaml's Neuronpedia id
@@ -153,7 +154,7 @@ def test_a_run_above_the_confirmed_cost_is_refused(scope_app, monkeypatch):
     write_scope_cache(scope_app)
     monkeypatch.setattr(subsets, "CONFIRM_WIDTH", 100)  # the 128-wide test SAE stands for a 262k one
     at = _pick(app().run())
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     at.radio(key="cp_scope").set_value("all").run()
     at.select_slider(key="cp_tokens").set_value(20_000).run()
     at.button(key="cp_start").click().run()
@@ -183,7 +184,7 @@ def test_offline_gemma_scope_on_the_embedded_model_leaves_the_bundled_saes_usabl
     at.sidebar.radio(key="sb_sae_source").set_value("bundled").run()
     no_exception(at)
     assert not at.sidebar.error
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     no_exception(at)
     assert at.dataframe
     assert no_network == []

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from saesteer.paths import FIXTURE_ENV
+from saesteer.ui.nav import PAGES as NAV
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,7 +28,8 @@ CHROME_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-PAGES = {"": "SAEs are good for steering", "Layers_overview": "Layers overview", "Features_side_by_side": "Features side by side", "Feature_card": "Feature card", "Concept_search": "Concept search", "Steering_lab": "Steering lab", "Evaluation": "Evaluation"}
+#: URL path -> the page's heading: every page of ``nav.PAGES`` (the start page's heading is not its nav title).
+PAGES = {info.url_path: "SAEs are good for steering" if key == "home" else info.title for key, info in NAV.items()}
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 STARTUP_S = 180
 RENDER_MS = 120_000
@@ -135,7 +137,7 @@ def _no_script_ran(page, dialogs: list[str], console_errors: list[str], name: st
 
 
 def test_html_like_prompt_and_contexts_show_literally_in_chromium(server, browser):
-    """Hardening, point 4 (tests/test_robustness.py): HTML typed as a prompt, and HTML-like tokens in a feature's
+    """Guarantee 4, HTML (tests/test_guarantees.py): HTML typed as a prompt, and HTML-like tokens in a feature's
     top contexts, are shown as literal text and run nothing."""
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     page.add_init_script("window.__alerts = []; window.alert = (m) => window.__alerts.push(String(m));")

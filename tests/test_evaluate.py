@@ -52,18 +52,9 @@ from saesteer.judge import (
     parse_rating,
 )
 from saesteer.steering import capture_residuals, generate
+from saesteer.testing import EVAL_DOCS as DOCS
+from saesteer.testing import EVAL_PREFIXES as PREFIXES
 from saesteer.testing import make_tiny_model
-
-PREFIXES = ["findings show that", "i once heard that", "i think about", "the city was", "my friend said", "in the night"]
-DOCS = [  # sentences of 30-300 characters count; the short one ("the apple was red.") does not
-    Doc("the apple was red. i think about the apple and the big tree. a king ate an apple at night in the city. "
-        "the apple tree is very old; my apples are green and good. she made bread with apple and water.", "t"),
-    Doc("the king of france was very old. the king said a good word to the queen. one king and two queens were there! "
-        "the king made war for the gold. his king was big and he was good.", "t"),
-    Doc("the sun is big and the moon is small. the sea was blue and the ship was new. "
-        "we are in the city at night with the dog. the dog and the cat are good friends. water and fire and gold and wine.", "t"),
-]
-
 
 def assert_no_hooks(lm) -> None:
     for name, module in lm.model.named_modules():

@@ -83,8 +83,8 @@ class ScoreParams:
     top_k: int = 20
     """Number of logit-lens tokens T of a feature."""
     batch_size: int = 512
-    """Features scored per forward of the last token (512: ≈ 63 % of this CPU's fp32 matmul throughput and
-    < 3 GB peak on the embedded model; results do not depend on it)."""
+    """Features scored per forward of the last token: speed and memory, never the scores (measured:
+    benchmarks/results/score_batch_size.md)."""
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():

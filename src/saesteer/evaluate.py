@@ -1150,13 +1150,13 @@ def fig_concepts(summary: pd.DataFrame, metric: str = "combined"):
     """Heatmap of ``metric`` per concept (rows) and method (columns) on the test half."""
     import plotly.graph_objects as go
 
-    from .plots import esc
+    from .text import escape
 
     if summary.empty:
         return go.Figure()
     pivot = summary.pivot_table(index="concept", columns="method", values=metric)
     pivot = pivot[[m for m in METHODS if m in pivot.columns]]
-    fig = go.Figure(go.Heatmap(z=pivot.to_numpy(), x=list(pivot.columns), y=[esc(c) for c in pivot.index], zmin=0, zmax=1,
+    fig = go.Figure(go.Heatmap(z=pivot.to_numpy(), x=list(pivot.columns), y=[escape(c, whitespace=True) for c in pivot.index], zmin=0, zmax=1,
                                colorscale="Viridis", hovertemplate="%{y} · %{x}: %{z:.2f}<extra></extra>"))
     fig.update_layout(height=max(300, 18 * len(pivot) + 80), margin=dict(l=100, r=20, t=30, b=40), title=f"{metric} per concept")
     return fig
@@ -1166,13 +1166,13 @@ def fig_compare(table: pd.DataFrame, metric: str = "combined"):
     """Grouped bars of ``metric`` per method, one bar group per method and one bar per run (``run`` column)."""
     import plotly.graph_objects as go
 
-    from .plots import esc
+    from .text import escape
 
     fig = go.Figure()
     for run, part in table.groupby("run", sort=False):
         part = part.set_index("method").reindex([m for m in METHODS if m in set(part["method"])])
         sem = part.get(f"{metric}_sem", pd.Series(np.nan, index=part.index)).fillna(0)
-        fig.add_trace(go.Bar(x=list(part.index), y=part[metric], name=esc(run), error_y=dict(type="data", array=sem)))
+        fig.add_trace(go.Bar(x=list(part.index), y=part[metric], name=escape(run, whitespace=True), error_y=dict(type="data", array=sem)))
     fig.update_layout(barmode="group", height=380, yaxis=dict(title=f"{metric} (test half, mean over concepts)", rangemode="tozero"),
                       margin=dict(l=50, r=20, t=30, b=40), legend_title_text="run")
     return fig

@@ -34,6 +34,7 @@ from .config import EMBEDDED_MODEL, ScoreParams
 from .models import LoadedModel
 from .paths import bundled_feature_dir
 from .saes import LoadedSae
+from .text import join_tokens
 from .scores import (
     DETAIL_RANK_CAP,
     INPUT_MAX_CONTEXTS,
@@ -337,8 +338,8 @@ def build_feature_data(
     used = np.unique(np.concatenate([lens.top_ids.reshape(-1), lens.bottom_ids.reshape(-1), ctx[3].reshape(-1)]))
     used = used[used >= 0]
     vocab = dict(zip(used.tolist(), token_strings(lm, used)))
-    table["top_tokens"] = [" | ".join(vocab[int(i)] for i in r) for r in lens.top_ids]
-    table["bottom_tokens"] = [" | ".join(vocab[int(i)] for i in r) for r in lens.bottom_ids]
+    table["top_tokens"] = [join_tokens(vocab[int(i)] for i in r) for r in lens.top_ids]
+    table["bottom_tokens"] = [join_tokens(vocab[int(i)] for i in r) for r in lens.bottom_ids]
     table = table[TABLE_COLUMNS]
     meta = {**meta, "n_features": n, "rank_cap": out.rank_cap if out is not None else DETAIL_RANK_CAP}
     return FeatureData(meta, table, lens, vocab, hist_edges, hist_counts, *ctx, out_ranks, out_probs, ctx_start)

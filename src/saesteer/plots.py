@@ -6,7 +6,6 @@ subset of HTML (``<a href>``, ``<b>``, ``<br>``) in hover text, titles and tick 
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,19 +13,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .text import TOKEN_SEP, escape, split_tokens
+
 INPUT_COLOR = "#1f77b4"
 OUTPUT_COLOR = "#d62728"
 NEUTRAL_COLOR = "#7f7f7f"
 
 
-def esc(text: object) -> str:
-    """A token as plotly-safe text: HTML-escaped, newlines and tabs made visible."""
-    return html.escape(str(text), quote=True).replace("\n", "⏎").replace("\t", "⇥")
-
-
 def _short_tokens(joined: object, n: int = 6) -> str:
-    parts = [p for p in str(joined or "").split(" | ") if p != ""][:n]
-    return " | ".join(esc(p) for p in parts)
+    return TOKEN_SEP.join(escape(p, whitespace=True) for p in split_tokens(joined)[:n])
 
 
 def score_distributions(frames: Mapping[int, pd.DataFrame], kind: str = "box") -> go.Figure:
@@ -121,15 +116,15 @@ def activation_histogram(edges: Sequence[float], counts: Sequence[float], title:
         raise ValueError(f"need len(edges) == len(counts) + 1, got {edges.shape[0]} and {counts.shape[0]}")
     centers = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure(go.Bar(x=centers, y=counts, width=np.diff(edges), marker_color="#ff8c00", hovertemplate="activation %{x:.3g}<br>count %{y}<extra></extra>"))
-    fig.update_layout(height=260, title=esc(title), xaxis_title="activation (non-zero)", yaxis=dict(title="count", type="log"), margin=dict(l=40, r=20, t=40 if title else 10, b=40), bargap=0)
+    fig.update_layout(height=260, title=escape(title, whitespace=True), xaxis_title="activation (non-zero)", yaxis=dict(title="count", type="log"), margin=dict(l=40, r=20, t=40 if title else 10, b=40), bargap=0)
     return fig
 
 
 def logit_bars(tokens: Sequence[str], logits: Sequence[float], title: str = "", color: str = OUTPUT_COLOR) -> go.Figure:
     """Horizontal bars of logit-lens tokens and their logits, largest on top."""
-    labels = [f"{i + 1}. {esc(t)}" for i, t in enumerate(tokens)]
+    labels = [f"{i + 1}. {escape(t, whitespace=True)}" for i, t in enumerate(tokens)]
     fig = go.Figure(go.Bar(x=list(logits)[::-1], y=labels[::-1], orientation="h", marker_color=color, hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(height=max(200, 22 * len(labels) + 60), title=esc(title), margin=dict(l=10, r=10, t=40 if title else 10, b=30), xaxis_title="logit")
+    fig.update_layout(height=max(200, 22 * len(labels) + 60), title=escape(title, whitespace=True), margin=dict(l=10, r=10, t=40 if title else 10, b=30), xaxis_title="logit")
     return fig
 
 

@@ -15,6 +15,7 @@ from dataclasses import fields
 import torch
 
 from .config import ScoreParams
+from .corpus import Doc
 from .features import Context, FeatureData
 from .models import LoadedModel
 from .saes import LoadedSae
@@ -140,6 +141,21 @@ def tiny_feature_data(lm, sae, words: Sequence[str]):
     data = compute_many(lm, [sae], word_sequences(lm.tokenizer, words), ScoreParams(batch_size=64), n_tokens=None, cache=False, use_bundled=False)[0]
     best = int(data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
     return with_planted_context(data, best)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny evaluation run
+
+#: Neutral prefixes and a three-document corpus for a tiny evaluation run (tests, the GPU smoke run).
+EVAL_PREFIXES = ["findings show that", "i once heard that", "i think about", "the city was", "my friend said", "in the night"]
+EVAL_DOCS = [  # sentences of 30-300 characters count; the short one ("the apple was red.") does not
+    Doc("the apple was red. i think about the apple and the big tree. a king ate an apple at night in the city. "
+        "the apple tree is very old; my apples are green and good. she made bread with apple and water.", "t"),
+    Doc("the king of france was very old. the king said a good word to the queen. one king and two queens were there! "
+        "the king made war for the gold. his king was big and he was good.", "t"),
+    Doc("the sun is big and the moon is small. the sea was blue and the ship was new. "
+        "we are in the city at night with the dog. the dog and the cat are good friends. water and fire and gold and wine.", "t"),
+]
 
 
 # ---------------------------------------------------------------------------------------------------

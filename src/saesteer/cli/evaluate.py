@@ -4,7 +4,6 @@ vs random features vs DiffMean, LoRA, prompting and no steering). See ``saesteer
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from . import (
     precheck_sae,
     sae_spec_from_args,
 )
+from .flags import parse_floats, parse_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,30 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _int(value: str, what: str, low: int = 1) -> int:
-    try:
-        out = int(value)
-    except ValueError:
-        raise ConfigError(f"{what} must be an integer, got {value!r}") from None
-    if out < low:
-        raise ConfigError(f"{what} must be at least {low}, got {out}")
-    return out
+    return parse_int(value, what, low)
 
 
 def _floats(values: list[str] | None, what: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    if values is None:
-        return default
-    out = []
-    for v in (x for item in values for x in item.split(",") if x.strip()):
-        try:
-            f = float(v)
-        except ValueError:
-            raise ConfigError(f"{what} must be numbers, got {v!r}") from None
-        if not math.isfinite(f):
-            raise ConfigError(f"{what} must be finite numbers, got {v!r}")
-        out.append(f)
-    if not out:
-        raise ConfigError(f"{what} needs at least one number")
-    return tuple(out)
+    return default if values is None else parse_floats(values, what)
 
 
 def params_from_args(args: argparse.Namespace):

@@ -6,7 +6,6 @@ import weakref
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..models import LoadedModel
 from ..saes import LoadedSae
@@ -50,17 +49,16 @@ def lens_frames(data, feature: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
 
 
-@torch.no_grad()
 def live_lens_tokens(lm: LoadedModel, sae: LoadedSae, feature: int, k: int = 20) -> list[str]:
     """Top-``k`` logit-lens tokens of one feature, computed now (no feature data needed)."""
+    from ..scores import logit_lens
+
     per_sae = _LENS_CACHE.setdefault(sae.sae, {})
     key = (int(feature), k)
     if key not in per_sae:
         sae.check_feature(int(feature))
-        direction = sae.directions([int(feature)]).to(device=lm.device, dtype=lm.dtype)  # (1, d_model)
-        logits = lm.unembed(direction)[0].float()  # (vocab,)
-        ids = torch.topk(logits, k).indices.tolist()
-        per_sae[key] = [lm.tokenizer.decode([i]) for i in ids]
+        ids = logit_lens(lm, sae, k=k, features=[int(feature)]).top_ids[0]
+        per_sae[key] = [lm.tokenizer.decode([int(i)]) for i in ids]
     return per_sae[key]
 
 

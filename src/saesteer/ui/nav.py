@@ -15,6 +15,14 @@ class PageInfo:
     title: str
     icon: str
 
+    @property
+    def url_path(self) -> str:
+        """The page's path in the app's URL: "" for the entry point, else the file name without its number
+        prefix and ``.py`` (Streamlit's naming)."""
+        if self.path == "app.py":
+            return ""
+        return self.path.rsplit("/", 1)[-1].removesuffix(".py").split("_", 1)[1]
+
 
 PAGES = {
     "home": PageInfo("app.py", "Start", ":material/home:"),

@@ -1,34 +1,26 @@
 """HTML and Markdown rendering of tokens (pure functions, no Streamlit).
 
 Tokens are untrusted text: a vocabulary holds strings like ``<script>`` and a corpus can hold anything.
-Every token goes through :func:`html.escape` before it is placed in markup; only numbers we computed
-ourselves go into attributes.
+Every token goes through :func:`saesteer.text.escape` before it is placed in markup; only numbers we
+computed ourselves go into attributes.
 """
 
 from __future__ import annotations
 
-import html
 import math
-import re
 from collections.abc import Sequence
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>$])")
-
-
-def visible(token: str) -> str:
-    """Whitespace made visible for display: newline ⏎, tab ⇥; SentencePiece's '▁' shown as a space."""
-    return token.replace("▁", " ").replace("\n", "⏎").replace("\t", "⇥")
+from ..text import escape, md_escape, visible
 
 
 def token_html(token: str) -> str:
     """Escaped token in a ``<bdi>``, so that right-to-left tokens do not reorder their neighbours."""
-    return "<bdi>" + html.escape(visible(token), quote=True) + "</bdi>"
+    return "<bdi>" + escape(visible(token)) + "</bdi>"
 
 
 def md_token(token: str) -> str:
     """A token for ``st.markdown``: HTML-escaped and with Markdown syntax neutralised, shown in quotes."""
-    text = html.escape(visible(token), quote=True)
-    return "“" + _MD_SPECIAL.sub(r"\\\1", text) + "”"
+    return "“" + md_escape(escape(visible(token))) + "”"
 
 
 def _alpha(act: float, scale: float) -> float:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .tables import norm_token, split_tokens
+from ..text import join_tokens, split_tokens
+from .tables import norm_token
 
 MIN_PIECE_CHARS = 3
 
@@ -90,7 +91,7 @@ def search_concept(
                     "feature": int(rec.feature),
                     "output_score": rec.output_score,
                     "input_score": rec.input_score,
-                    "lens_matches": " | ".join(lens),
+                    "lens_matches": join_tokens(lens),
                     "lens_hits": len(lens),
                     "context_share": share,
                     "top_tokens": rec.top_tokens,

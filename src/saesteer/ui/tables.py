@@ -12,14 +12,9 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from ..text import TOKEN_SEP, split_tokens
+
 SORT_COLUMNS = ("output_score", "input_score")
-
-
-def split_tokens(joined: object) -> list[str]:
-    """The " | "-joined token list of a table cell as a list (empty cell -> [])."""
-    if joined is None or (isinstance(joined, float) and math.isnan(joined)):
-        return []
-    return [t for t in str(joined).split(" | ") if t != ""]
 
 
 def norm_token(token: str) -> str:
@@ -35,7 +30,7 @@ def filter_features(table: pd.DataFrame, input_min: float = 0.0, output_min: flo
         keep &= table["input_score"].fillna(-1) >= input_min
     query = search.strip().lower()
     if query:
-        text = (table["top_tokens"].fillna("").astype(str) + " | " + table["bottom_tokens"].fillna("").astype(str)).str.replace("▁", " ").str.lower()
+        text = (table["top_tokens"].fillna("").astype(str) + TOKEN_SEP + table["bottom_tokens"].fillna("").astype(str)).str.replace("▁", " ").str.lower()
         keep &= text.str.contains(query, regex=False)
     return table[keep]
 

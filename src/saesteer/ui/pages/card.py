@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from ... import plots
+from ...text import split_tokens
 from .. import neuronpedia_panel, score_plan
 from ..common import require_data
 from ..context import AppContext
@@ -15,7 +16,7 @@ from ..data import card_dict, context_max_tokens, lens_frames
 from ..exports import card_json, steering_vector
 from ..render import contexts_html, md_token, token_chips_html
 from ..session import MODE, STRENGTH, select_feature, steer_with
-from ..tables import norm_token, split_tokens
+from ..tables import norm_token
 
 def _fmt(value: float, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from ...text import join_tokens, split_tokens
 from ..common import require_data
 from ..context import AppContext
 from ..exports import scores_csv
 from ..nav import goto
 from ..session import select_feature
-from ..tables import filter_features, n_pages, page_of, ranked, selected_feature, split_tokens
+from ..tables import filter_features, n_pages, page_of, ranked, selected_feature
 
 PAGE_SIZES = (25, 50, 100, 250)
 
@@ -32,7 +33,7 @@ def _column_config(max_output: float) -> dict:
 
 def _short(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
-    out["top_tokens"] = out["top_tokens"].map(lambda s: " | ".join(split_tokens(s)[:SHOWN_TOKENS]))
+    out["top_tokens"] = out["top_tokens"].map(lambda s: join_tokens(split_tokens(s)[:SHOWN_TOKENS]))
     return out
 
 

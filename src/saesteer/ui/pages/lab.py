@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 import numbers
 import time
@@ -23,13 +22,14 @@ from ...config import (
 )
 from ...memory import describe, free_memory, is_out_of_memory
 from ...steering import generate, stream_pair
+from ...text import escape, split_tokens
 from ..context import AppContext
 from ..data import live_lens_tokens
 from ..exports import steering_vector
 from ..render import md_token
 from ..session import FEATURE, LAB_ROWS, MODE, PROMPT, STRENGTH
 from ..sweep import concept_hits, concept_targets, score_texts
-from ..tables import demo_features, split_tokens
+from ..tables import demo_features
 
 MODES = {
     "paper": "paper amp: x_last += amp · max_j a_j(x) · W_dec[f]",
@@ -110,7 +110,7 @@ COLORS = ("#7f7f7f", "#d62728")  # baseline, steered
 def _text_box(prompt: str, continuation: str, color: str) -> str:
     return (
         f'<div style="border-left: 4px solid {color}; padding: 0.4em 0.8em; white-space: pre-wrap; font-size: 1.02em; min-height: 4em;">'
-        f'<span style="color: #888;">{html.escape(prompt)}</span>{html.escape(continuation)}</div>'
+        f'<span style="color: #888;">{escape(prompt)}</span>{escape(continuation)}</div>'
     )
 
 

@@ -1,6 +1,6 @@
-"""Hardening (issue 7): concurrent sessions, bad input, safe loading, HTML escaping, killed jobs.
+"""The README's guarantees: concurrent sessions, bad input, safe loading, HTML escaping, killed jobs.
 
-Each point of the issue and the tests that check it. ``input::`` is ``tests/test_robustness_input.py`` (point 2
+Each guarantee and the tests that check it. ``input::`` is ``tests/test_bad_input.py`` (bad input, point 2,
 lives there); tests in other files are named by file. Where a per-module test already covers a case
 thoroughly it is referenced rather than repeated.
 
@@ -53,6 +53,7 @@ from saesteer.saes import load_sae
 from saesteer.scores import output_scores
 from saesteer.steering import generate, generate_pair, stream
 from saesteer.testing import WORDS, make_tiny_sae
+from saesteer.ui.nav import PAGES as NAV
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
@@ -129,7 +130,7 @@ def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
     ]
     sessions = [app(**v).run() for v in views]
     for at in sessions:
-        at.switch_page("pages/5_Steering_lab.py").run()
+        at.switch_page(NAV["lab"].path).run()
         no_exception(at)
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -344,14 +345,14 @@ def test_html_like_prompts_and_contexts_are_escaped(fixture_env):
     is test_browser.py::test_html_like_prompt_and_contexts_show_literally_in_chromium."""
     prompt = f"{XSS[0]} and {XSS[1]}"
     at = app(prompt=prompt, layer="2").run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     assert at.text_area(key="lab_prompt").value == prompt
     at.button(key="lab_go").click().run()
     no_exception(at)
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "&lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=alert(1)&gt;" in html_out
     assert "<script" not in html_out and "<img" not in html_out
-    at.switch_page("pages/3_Feature_card.py").run()  # opens on the top feature, whose contexts are planted
+    at.switch_page(NAV["card"].path).run()  # opens on the top feature, whose contexts are planted
     no_exception(at)
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_out and "&lt;img src=x onerror=alert(1)&gt;" in html_out
@@ -368,7 +369,7 @@ def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkey
     preset = pd.DataFrame({"feature": [3], "top_tokens": [" | ".join(tokens)], "output_score": [0.5], "input_score": [float("nan")]})
     monkeypatch.setattr(lab, "demo_features", lambda table, n=4: preset)
     at = app().run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.toggle(key="lab_demo").set_value(True).run()
     no_exception(at)
     shown = [m.value for m in at.markdown]

@@ -1,6 +1,6 @@
-"""Hardening, point 2: bad input gets one clear message in the CLI and in the app, and the app stays up.
+"""Bad input (guarantee 2 of the README) gets one clear message in the CLI and in the app, and the app stays up.
 
-The map from each case to its tests is in the docstring of ``tests/test_robustness.py``. CLI runs go through
+The map from each case to its tests is in the docstring of ``tests/test_guarantees.py``. CLI runs go through
 the in-process entry point (``saesteer.__main__.main``) with the tiny model standing in for the real one; app
 runs use AppTest, on the tiny fixture or on the real loaders with the tiny model patched in. Nothing is
 downloaded: the hub is forced offline.
@@ -32,6 +32,7 @@ from saesteer.memory import OutOfMemory, for_each_batch, is_out_of_memory
 from saesteer.scores import output_scores
 from saesteer.steering import encode_prompts, generate, stream, stream_pair
 from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae
+from saesteer.ui.nav import PAGES as NAV
 
 RELEASE = "gemma-scope-2b-pt-res-canonical"
 
@@ -412,7 +413,7 @@ def test_app_bad_link_parameters_are_refused_with_a_message(fixture_env, query, 
     at = app(**query).run()
     no_exception(at)
     assert message in _problems(at)
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     no_exception(at)
     assert not at.error
     assert at.sidebar.selectbox(key="sb_sae_ref").value == "tiny-topk-L1"  # the defaults stand
@@ -422,7 +423,7 @@ def test_app_bad_link_parameters_are_refused_with_a_message(fixture_env, query, 
 
 def test_app_feature_beyond_the_sae_is_an_error_on_the_card(fixture_env):
     at = app(feature="100000").run()
-    at.switch_page("pages/3_Feature_card.py").run()
+    at.switch_page(NAV["card"].path).run()
     no_exception(at)
     assert any("feature 100000 does not exist in SAE tiny-topk-L1: use an id from 0 to 127" in e.value for e in at.error)
 
@@ -431,7 +432,7 @@ def test_app_widgets_keep_values_within_bounds(fixture_env):
     """Streamlit refuses widget values outside their bounds (feature id, strength, max new tokens); a
     generation with whatever remains runs without error."""
     at = app(layer="2").run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     for key, bad in (("lab_max_new", 0), ("lab_max_new", 5000), ("lab_s0", 1e9), ("lab_s0", -1e9)):
         (at.slider(key=key)).set_value(bad).run()
         no_exception(at)
@@ -456,7 +457,7 @@ def test_app_widgets_keep_values_within_bounds(fixture_env):
 )
 def test_app_empty_and_over_long_prompts_are_errors(fixture_env, prompt, message):
     at = app().run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.text_area(key="lab_prompt").input(prompt).run()
     at.button(key="lab_go").click().run()
     no_exception(at)
@@ -477,7 +478,7 @@ def test_app_non_finite_strength_in_the_session_is_refused_with_a_message(fixtur
     feature card hands over), not clamped silently to the slider's end; the default strength stands instead."""
     at = app().run()
     at.session_state[key] = [{"feature": 3, "strength": value}] if key == "lab_rows" else value
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     no_exception(at)
     feature = 3 if key == "lab_rows" else at.number_input(key="lab_f0").value
     assert [e.value for e in at.error] == [f"strength {value!r} of feature {feature} is not a finite number: refused, set to 4"]
@@ -490,7 +491,7 @@ def test_app_non_finite_strength_in_the_session_is_refused_with_a_message(fixtur
 def test_app_feature_beyond_the_sae_is_an_error_in_the_lab(fixture_env):
     """A feature id from the link that the SAE does not have is reported in the lab too, not silently replaced."""
     at = app(feature="100000").run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     no_exception(at)
     shown = at.number_input(key="lab_f0").value
     assert [e.value for e in at.error] == [f"feature 100000 does not exist in SAE tiny-topk-L1: use an id from 0 to 127; showing feature {shown} instead"]
@@ -513,7 +514,7 @@ def test_app_out_of_memory_in_the_lab_is_an_error_not_a_crash(fixture_env, monke
     monkeypatch.setattr(lab, "stream_pair", oom_pair)
     monkeypatch.setattr(lab, "generate", oom_generate)
     at = app().run()
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     at.button(key="lab_go").click().run()
     no_exception(at)
     [error] = [e.value for e in at.error]
@@ -570,7 +571,7 @@ def _local_sae(at, path):
 def test_app_sae_hook_that_maps_to_no_module_is_an_error(real_tiny):
     at = _local_sae(app().run(), _sae_dir(real_tiny, "mlp", 3, hook="blocks.2.hook_mlp_out"))
     assert any("not a residual-stream hook" in e.value for e in at.sidebar.error)
-    at.switch_page("pages/5_Steering_lab.py").run()
+    at.switch_page(NAV["lab"].path).run()
     no_exception(at)
     assert any("not a residual-stream hook" in e.value for e in at.error)
 
@@ -581,7 +582,7 @@ def test_app_unknown_sae_id_in_a_link_and_an_unreachable_hub(real_tiny):
     assert f"link parameter 'sae' ignored: '{RELEASE}:layer_99/width_1k/canonical' is not among the SAEs offered here" in _problems(at)
     # The release's first SAE is selected instead; offline it cannot be downloaded: said so, no crash.
     assert any("could not download SAE" in e.value and "hub is unreachable" in e.value for e in at.sidebar.error)
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     no_exception(at)
     assert at.error
 
@@ -594,7 +595,7 @@ def _wait(job, timeout: float = 120.0) -> None:
 
 
 def _start_job(at):
-    at.switch_page("pages/2_Features_side_by_side.py").run()
+    at.switch_page(NAV["features"].path).run()
     at.button(key="cp_start").click().run()
     no_exception(at)
     from saesteer.ui import loaders
