@@ -671,3 +671,47 @@ def stream_pair(
             rows.close()
 
     return pieces()
+
+
+def stream_rows(
+    lm: LoadedModel,
+    prompt: str,
+    *,
+    sae: LoadedSae | None,
+    features: Sequence[int],
+    strengths: Strengths,
+    params: SteerParams,
+    fast: bool = False,
+) -> Iterator[tuple[str, ...]]:
+    """Stream one continuation of ``prompt`` per row of ``strengths`` (rows, n_features), as ONE batch.
+
+    Row i is steered with ``strengths[i]`` on ``features`` (an all-zero row is the baseline: the hook runs and
+    changes nothing); every row samples from its own generator seeded by ``params.seed``, so each row's text
+    is the text that row gets alone (on the exact path) and rows never depend on each other: the concept
+    duel's baseline | activation pick | output pick is one such batch, its strength strip another.
+    ``params.features``/``params.strengths`` are ignored; its mode, max_new_tokens, temperature, seed and
+    prompt limit apply. Yields one tuple of text increments per step (see :func:`stream_pair`); threading,
+    early close and a held ``lm.lock`` behave as in :func:`stream`.
+    """
+    features = tuple(int(f) for f in features)
+    if features and sae is None:
+        raise ConfigError("features were given without an SAE to take their directions from")
+    if sae is not None:
+        for f in features:
+            sae.check_feature(f)
+    s = strength_tensor(strengths, len(features))
+    if s.ndim != 2 or s.shape[0] < 1:
+        raise ConfigError(f"stream_rows needs a (rows, n_features) tensor of strengths, got shape {tuple(s.shape)}")
+    ids = encode_prompts(lm, [prompt], params.max_prompt_tokens, params.max_new_tokens) * s.shape[0]
+    rows = _stream_rows(
+        lm, ids, sae=sae if features else None, features=features, strengths=s, params=params,
+        seed=[params.seed] * s.shape[0], fast=fast,
+    )
+
+    def pieces() -> Iterator[tuple[str, ...]]:
+        try:
+            yield from rows
+        finally:
+            rows.close()
+
+    return pieces()
