@@ -27,7 +27,7 @@ from saesteer.baselines import (
 )
 from saesteer.config import ConfigError
 from saesteer.corpus import Doc
-from saesteer.evaluate import (
+from saesteer.evaluation import (
     EvalParams,
     FeatureScores,
     best_strength,
@@ -192,7 +192,7 @@ def test_select_features_without_candidates_or_input_scores_is_skipped():
 def test_continuation_nll_matches_full_forward_per_row(monkeypatch, softcap, block):
     """Against a full-logits forward per row and a float64 log-softmax; with vocabulary blocks of 7 rows the
     running log-sum-exp crosses many blocks."""
-    import saesteer.evaluate as E
+    import saesteer.evaluation.metrics as E
 
     monkeypatch.setattr(E, "VOCAB_BLOCK", block)
     lm = make_tiny_model(softcap=softcap) if softcap else make_tiny_model()
@@ -506,27 +506,27 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
 def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from saesteer import evaluate
+    from saesteer import evaluation as evaluate
 
     res, _, out, _ = tiny_run
     assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}
     assert res.meta["finished"] and evaluate.run_progress(res, out) == evaluate.RunProgress(True, 2, 0, 1, 2, TINY.methods)
     assert evaluate.RESULTS_DIR in evaluate.eval_roots() and evaluate.RESULTS_DIR == evaluate.ASSETS_EVAL / "results"
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(evaluate, "RESULTS_DIR", tmp_path / "assets" / "eval" / "results")
+    monkeypatch.setattr(evaluate.layout, "RESULTS_DIR", tmp_path / "assets" / "eval" / "results")
     cached = evaluate.default_out_dir("tiny-gemma3", "tiny-topk-L2")
-    shipped = evaluate.RESULTS_DIR / "gemma-3-270m" / "L8-topk64-w4096"  # results committed for the embedded model
+    shipped = evaluate.layout.RESULTS_DIR / "gemma-3-270m" / "L8-topk64-w4096"  # results committed for the embedded model
     for d in (cached, shipped):
         shutil.copytree(out, d)
-    (evaluate.RESULTS_DIR / "notes").mkdir()
-    (evaluate.RESULTS_DIR / "notes" / "meta.json").write_text("{}")  # no units/: not a run
+    (evaluate.layout.RESULTS_DIR / "notes").mkdir()
+    (evaluate.layout.RESULTS_DIR / "notes" / "meta.json").write_text("{}")  # no units/: not a run
     assert list_runs() == sorted([cached, shipped])
     assert cached.is_relative_to(tmp_path / "cache" / "eval")
     pd.testing.assert_frame_equal(load_results(shipped).generations, res.generations)
 
 
 def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
-    from saesteer import evaluate
+    from saesteer import evaluation as evaluate
 
     res, _, out, _ = tiny_run
     packed = evaluate.pack_results(out, tmp_path / "packed" / "m" / "tiny")

@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from .. import evaluate
+from .. import evaluation as evaluate
 from . import evaltables as et
 from . import loaders
 from .context import AppContext
@@ -47,7 +47,7 @@ class RunEntry:
 
     @property
     def bundled(self) -> bool:
-        return is_within(self.path, [evaluate.RESULTS_DIR])
+        return is_within(self.path, [evaluate.layout.RESULTS_DIR])
 
     @property
     def where(self) -> str:
