@@ -25,7 +25,7 @@ import torch
 
 from .baselines import mention_pattern
 from .config import MAX_NEW_TOKENS_LIMIT, NEUTRAL_PROMPT, ConfigError, SteerParams
-from .evaluate import continuation_nll, ppl_factor, repetition
+from .evaluation import continuation_nll, ppl_factor, repetition
 from .evaluation.candidates import CandidateParams, ConceptCandidates, FeatureBank, concept_candidates, concept_token_ids
 from .models import LoadedModel
 from .saes import LoadedSae
@@ -40,6 +40,8 @@ STRIP_FACTORS = (0.25, 0.5, 1.0, 2.0, 3.0)
 """The strength strip: these multiples of the duel's strength (rounded, at most ``STRIP_MAX``)."""
 STRIP_MAX = 20.0
 STRIP_TOKENS = 12
+DUEL_CANDIDATES = CandidateParams()
+"""How the duel finds candidates: the evaluation's defaults."""
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,10 @@ class DuelPlan:
         return feats, s
 
 
-def candidates(lm: LoadedModel, bank: FeatureBank, concept: str, params: CandidateParams = CandidateParams()) -> ConceptCandidates:
-    """The concept's candidates and picks (:mod:`saesteer.evaluation.candidates`), its tokens from ``lm``'s tokenizer."""
-    return concept_candidates(concept.strip(), concept_token_ids(lm.tokenizer, concept.strip()), bank, params)
+def candidates(lm: LoadedModel, bank: FeatureBank, concept: str, params: CandidateParams | None = None) -> ConceptCandidates:
+    """The concept's candidates and picks (:mod:`saesteer.evaluation.candidates`), its tokens from ``lm``'s
+    tokenizer; ``params`` default to :data:`DUEL_CANDIDATES`."""
+    return concept_candidates(concept.strip(), concept_token_ids(lm.tokenizer, concept.strip()), bank, params or DUEL_CANDIDATES)
 
 
 def plan(cands: ConceptCandidates) -> DuelPlan:

@@ -29,15 +29,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .baselines import mention_pattern
 from .config import NEUTRAL_PROMPT, ConfigError
-from .evaluate import best_strength, default_concepts, eval_roots, repetition
+from .evaluation import best_strength, default_concepts, eval_roots, repetition
 from .evaluation.candidates import FeatureBank, candidates_for
 from .models import LoadedModel
 from .saes import LoadedSae
 from .steering import generate
 
-CALIBRATION_GRID = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-CALIBRATION_TOKENS = 24
+CALIBRATION_GRID = (2.0, 3.0, 4.0, 6.0)
+CALIBRATION_TOKENS = 16
 CALIBRATION_TEMPERATURE = 0.7
 MAX_REPETITION = 0.5
 """The evaluation's word-bigram repetition at or below which a text counts as not looping."""
@@ -50,9 +51,9 @@ OUTPUT_METHODS = ("sae_output", "output_pick")
 
 def top_word(token: str) -> str | None:
     """The normalised word of a logit-lens token (leading space / '▁' dropped, lower-cased), or None when it is
-    not a word of at least four letters."""
+    not a word of at least four (Latin) letters: what a demo audience reads as a word, not a fragment."""
     word = token.replace("▁", " ").strip().lower()
-    return word if len(word) >= 4 and re.fullmatch(r"[^\W\d_]+", word) else None
+    return word if len(word) >= 4 and re.fullmatch(r"[a-z]+", word) else None
 
 
 def mentions_word(text: str, word: str) -> int:
@@ -150,10 +151,17 @@ def from_results(run: Path, bank: FeatureBank, tokenizer, n: int = N_PRESETS) ->
 
 
 def fallback_presets(bank: FeatureBank, tokenizer, concepts: Sequence[str] | None = None, n: int = N_PRESETS) -> tuple[Preset, ...]:
-    """Concepts whose output pick has the highest output score and a word as its top logit-lens token."""
+    """Concepts whose output pick's top logit-lens token is the concept itself (or its plural), by the pick's
+    output score: the feature then says the concept when turned up, and the preset shows what it should."""
     items = candidates_for(list(concepts if concepts is not None else default_concepts()), tokenizer, bank)
+
+    def own_word(c) -> bool:
+        w = _word_of(bank, tokenizer, c.output_pick.feature)
+        return w is not None and mention_pattern(c.concept).fullmatch(w) is not None
+
     ranked = sorted((c for c in items if c.output_pick is not None and math.isfinite(c.output_pick.output_score)),
                     key=lambda c: (-c.output_pick.output_score, c.concept))
+    ranked = [c for c in ranked if own_word(c)]
     presets, seen = [], set()
     for c in ranked:
         f = c.output_pick.feature
@@ -161,7 +169,8 @@ def fallback_presets(bank: FeatureBank, tokenizer, concepts: Sequence[str] | Non
         if word is None or word in seen or f in {p.feature for p in presets}:
             continue
         seen.add(word)
-        ev = f"no evaluation for these weights yet: its output pick has output score {c.output_pick.output_score:.2f}, among the highest of the concept list"
+        ev = (f"no evaluation for these weights yet: feature {f}, the concept's output pick (output score "
+              f"{c.output_pick.output_score:.2f}), has “{word}” as its top logit-lens token")
         presets.append(Preset(c.concept, f, word, None, ev))
         if len(presets) == n:
             break

@@ -37,6 +37,9 @@ FEATURE = "feature"
 PROMPT = "prompt"
 STRENGTH = "strength"
 MODE = "mode"
+CONCEPT = "concept"
+SEED = "seed"
+PRESENT = "present"
 
 
 @dataclass
@@ -70,6 +73,9 @@ class AppContext:
             prompt=st.session_state.get(PROMPT),
             strength=st.session_state.get(STRENGTH),
             mode=st.session_state.get(MODE),
+            concept=st.session_state.get(CONCEPT),
+            seed=st.session_state.get(SEED),
+            present=st.session_state.get(PRESENT) or None,
         )
 
 
@@ -144,7 +150,8 @@ def _apply_query_params() -> None:
         st.session_state["_sb_want_ref"] = view.sae
     if view.layer is not None:
         st.session_state["_sb_want_layer"] = view.layer
-    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode)):
+    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode),
+                       (CONCEPT, view.concept), (SEED, view.seed), (PRESENT, view.present)):
         if value is not None:
             st.session_state[key] = value
 
