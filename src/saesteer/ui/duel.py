@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
 from contextlib import closing
@@ -221,8 +222,10 @@ def render(ctx: AppContext) -> None:
     if not concept.strip():
         st.info("Type a concept (a word such as *water*) or click a preset.")
         return
+    base = duel_lib.DUEL_CANDIDATES
+    theta = float(st.session_state.get("duel_theta", base.theta))
     try:
-        duel = duel_lib.plan(duel_lib.candidates(ctx.lm, bank_for(ctx), concept))
+        duel = duel_lib.plan(duel_lib.candidates(ctx.lm, bank_for(ctx), concept, dataclasses.replace(base, theta=theta)))
     except ConfigError as exc:
         st.error(str(exc))
         return
@@ -246,6 +249,8 @@ def render(ctx: AppContext) -> None:
         max_new = s2.slider("New tokens per column", 4, 96, 32, key="duel_max_new")
         s3.checkbox("Fast decode (bf16 copy of the model)", value=fast_default, key="duel_fast", help="CPU only; on CUDA the exact model is fast")
         st.toggle("Strength strip", value=True, key="duel_strip_on")
+        st.number_input("Fires on the concept: at least this share of a feature's top contexts peak on it", 0.05, 1.0,
+                        value=float(base.theta), step=0.05, key="duel_theta", help="the activation pick's threshold (the evaluation uses 0.5)")
         st.toggle("Presenter view (large type, sidebar collapsed; the URL reproduces it)", key="duel_present_toggle",
                   value=present, on_change=lambda: st.session_state.update({PRESENT: st.session_state["duel_present_toggle"]}))
     st.session_state[CONCEPT] = concept.strip()
