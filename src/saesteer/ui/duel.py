@@ -45,16 +45,22 @@ def defaults_for(ctx: AppContext) -> presets_lib.Defaults:
     return presets_lib.defaults(ctx.lm, ctx.sae, bank_for(ctx))
 
 
-def device_line(ctx: AppContext, fast: bool) -> str:
-    """Which device decodes, and on which path, in one line."""
+def device_line(ctx: AppContext, fast: bool, rows: int = 3) -> str:
+    """Which device decodes a batch of ``rows``, and on which path, in one line (the path actually taken:
+    ``steering.decoding_model`` keeps batches above ``FAST_MAX_BATCH`` on the exact model)."""
+    from ..steering import decoding_model
+
     dev = ctx.lm.device
+    exact = not fast or decoding_model(ctx.lm, rows, fast) is ctx.lm.model
+    dtype = str(ctx.lm.dtype).removeprefix("torch.")
     if dev.type == "cuda":
         import torch
 
         name = torch.cuda.get_device_name(dev)
-        return f"Running on **{name}** (CUDA): the exact {str(ctx.lm.dtype).removeprefix('torch.')} model, every column in one batch."
-    path = "fast path: a bf16 copy of the model" if fast else "the exact float32 model"
-    return f"Running on the **CPU** ({path}), every column in one batch."
+        path = f"the exact {dtype} model" if exact else "a bf16 copy of the model"
+        return f"Running on **{name}** (CUDA): {path}, all {rows} columns in one batch."
+    path = f"the exact {dtype} model" if exact else "fast path: a bf16 copy of the model"
+    return f"Running on the **CPU** ({path}), all {rows} columns in one batch."
 
 
 def text_box(prompt: str, continuation: str, color: str, large: bool = False) -> str:

@@ -281,7 +281,9 @@ def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, cli
     boxes = (left.empty(), right.empty())
     for box, color in zip(boxes, COLORS):
         box.html(_text_box(prompt, "…", color))
-    st.caption(_precision_note(fast))
+    from .duel import device_line
+
+    st.caption(_precision_note(fast) + " " + device_line(ctx, fast, rows=2))
     pieces = stream_pair(ctx.lm, prompt, sae=ctx.sae, params=params, fast=fast)
     baseline, steered, first = _stream_pair_into(boxes, prompt, pieces, clicked)
     st.session_state["lab_last"] = {
