@@ -121,3 +121,22 @@ def test_bad_duel_links_are_refused_and_the_page_stays_up(duel_env):
     at.text_input(key="duel_concept").input("   ").run()
     no_exception(at)
     assert any("Type a concept" in i.value for i in at.info)
+
+
+def test_device_line_names_the_device_and_the_path_taken(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from conftest import make_tiny_model
+    from saesteer import steering
+    from saesteer.ui.duel import device_line
+
+    lm = make_tiny_model()
+    ctx = SimpleNamespace(lm=lm)
+    assert device_line(ctx, fast=False) == "Running on the **CPU** (the exact float32 model), all 3 columns in one batch."
+    assert "exact float32" in device_line(ctx, fast=True, rows=steering.FAST_MAX_BATCH + 1)  # too many rows for the copy
+    assert "bf16 copy" in device_line(ctx, fast=True, rows=2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "NVIDIA H200")
+    gpu = SimpleNamespace(lm=SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32, model=lm.model))
+    assert device_line(gpu, fast=False) == "Running on **NVIDIA H200** (CUDA): the exact float32 model, all 3 columns in one batch."
