@@ -42,7 +42,8 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's code
     env.pop("SAESTEER_TEST_FIXTURE", None)
     log_path = args.out.with_suffix(".log")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def server():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser test")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright==1.65.2")
     port = _free_port()
-    env = {**os.environ, "SAESTEER_TEST_FIXTURE": "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "SAESTEER_TEST_FIXTURE": "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's code
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit.log", "w")
     proc = subprocess.Popen(
