@@ -199,7 +199,7 @@ def test_strip_rows_equal_each_strength_alone(parts):
     p = duel_plan(parts)
     params = duel.DuelParams(concept="a", strength=2.0, seed=3)
     amps = duel.strip_strengths(2.0)
-    assert 4 <= len(amps) <= 6 and 2.0 in amps and all(0 < a <= duel.STRIP_MAX for a in amps)
+    assert 4 <= len(amps) <= 6 and 2.0 in amps and all(0 < a <= duel.MAX_AMP for a in amps)
     texts: dict = {}
     for step in duel.stream_strip(lm, sae, params, p, amps, max_new_tokens=6):
         for cell, piece in step.items():

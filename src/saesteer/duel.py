@@ -37,8 +37,9 @@ MAX_CONCEPT_CHARS = 64
 DUEL_TEMPERATURE = 0.7
 """The paper's sampling temperature for steered generation."""
 STRIP_FACTORS = (0.25, 0.5, 1.0, 2.0, 3.0)
-"""The strength strip: these multiples of the duel's strength (rounded, at most ``STRIP_MAX``)."""
-STRIP_MAX = 20.0
+"""The strength strip: these multiples of the duel's strength (rounded, at most ``MAX_AMP``)."""
+MAX_AMP = 20.0
+"""The duel's strength range is 0 … MAX_AMP (the paper's grid ends at 20)."""
 STRIP_TOKENS = 12
 DUEL_CANDIDATES = CandidateParams()
 """How the duel finds candidates: the evaluation's defaults."""
@@ -66,8 +67,8 @@ class DuelParams:
             raise ConfigError("the concept is empty: type a word or a short phrase, e.g. water")
         if len(self.concept) > MAX_CONCEPT_CHARS:
             raise ConfigError(f"the concept is {len(self.concept)} characters long; use at most {MAX_CONCEPT_CHARS} (a word or a short phrase)")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength) or not 0 <= self.strength <= STRIP_MAX:
-            raise ConfigError(f"strength (amp) must be a number from 0 to {STRIP_MAX:g}, got {self.strength!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not math.isfinite(self.strength) or not 0 <= self.strength <= MAX_AMP:
+            raise ConfigError(f"strength (amp) must be a number from 0 to {MAX_AMP:g}, got {self.strength!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise ConfigError(f"seed must be a whole number from 0 to {2**31 - 1}, got {self.seed!r}")
         self.steer_params()  # the one set of limits for temperature / max_new_tokens
@@ -159,7 +160,7 @@ def stream_duel(lm: LoadedModel, sae: LoadedSae, params: DuelParams, duel: DuelP
 def strip_strengths(strength: float) -> tuple[float, ...]:
     """The strength strip's amps around ``strength`` (4–6 distinct values, rounded to 0.05, 0 excluded)."""
     base = strength if strength > 0 else 1.0
-    out = sorted({min(STRIP_MAX, round(base * m * 20) / 20) for m in STRIP_FACTORS} - {0.0})
+    out = sorted({min(MAX_AMP, round(base * m * 20) / 20) for m in STRIP_FACTORS} - {0.0})
     return tuple(out)
 
 

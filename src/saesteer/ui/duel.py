@@ -41,8 +41,22 @@ def bank_for(ctx: AppContext) -> FeatureBank:
     return _bank(f"{ctx.sae.id}:{id(ctx.data)}", ctx.data)
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _defaults(key: tuple, _lm, _sae, _bank) -> presets_lib.Defaults:
+    return presets_lib.defaults(_lm, _sae, _bank)
+
+
+def _results_stamp() -> tuple:
+    """Changes when an evaluation run is added or rewritten (the defaults then follow it)."""
+    from ..evaluation import eval_roots
+
+    metas = [m for root in eval_roots() for m in sorted(root.glob("**/meta.json"))]
+    return tuple((str(m), m.stat().st_mtime) for m in metas)
+
+
 def defaults_for(ctx: AppContext) -> presets_lib.Defaults:
-    return presets_lib.defaults(ctx.lm, ctx.sae, bank_for(ctx))
+    """The fluent defaults at the selected SAE (:func:`saesteer.presets.defaults`), cached per SAE and results."""
+    return _defaults((ctx.sae.id, id(ctx.data), _results_stamp()), ctx.lm, ctx.sae, bank_for(ctx))
 
 
 def device_line(ctx: AppContext, fast: bool, rows: int = 3) -> str:
@@ -238,13 +252,13 @@ def render(ctx: AppContext) -> None:
     norm = concept.strip().lower()
     if st.session_state.get("_duel_strength_for") != norm:
         url_amp = st.session_state.get(STRENGTH) if "_duel_strength_for" not in st.session_state else None
-        if isinstance(url_amp, (int, float)) and 0 <= float(url_amp) <= duel_lib.STRIP_MAX:
+        if isinstance(url_amp, (int, float)) and 0 <= float(url_amp) <= duel_lib.MAX_AMP:
             st.session_state["duel_strength"] = float(url_amp)  # a link (or the lab) named the strength
         else:
             with st.spinner("Finding a fluent strength…"):
                 st.session_state["duel_strength"] = float(_default_strength(ctx, d, duel)[0])
         st.session_state["_duel_strength_for"] = norm
-    strength = c2.slider("Strength (paper amp, both steered columns)", 0.0, duel_lib.STRIP_MAX, step=0.05, key="duel_strength",
+    strength = c2.slider("Strength (paper amp, both steered columns)", 0.0, duel_lib.MAX_AMP, step=0.05, key="duel_strength",
                          help="x_last += amp · max_j a_j(x) · W_dec[f] at every step; released, it restarts the columns when Live is on")
     st.session_state.setdefault("duel_seed", int(st.session_state.get(SEED) or 0))
     seed = int(c3.number_input("Seed", 0, 2**31 - 1, key="duel_seed"))
