@@ -21,7 +21,7 @@ from saesteer.ui import render, search, state, sweep, tables
 from saesteer.ui.exports import card_json, scores_csv, steering_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
+PAGES = ["pages/0_Concept_duel.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 TIMEOUT = 120
 

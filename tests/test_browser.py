@@ -25,7 +25,7 @@ CHROME_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-PAGES = {"": "SAEs are good for steering", "Layers_overview": "Layers overview", "Features_side_by_side": "Features side by side", "Feature_card": "Feature card", "Concept_search": "Concept search", "Steering_lab": "Steering lab", "Evaluation": "Evaluation"}
+PAGES = {"": "SAEs are good for steering", "Concept_duel": "Concept duel", "Layers_overview": "Layers overview", "Features_side_by_side": "Features side by side", "Feature_card": "Feature card", "Concept_search": "Concept search", "Steering_lab": "Steering lab", "Evaluation": "Evaluation"}
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 STARTUP_S = 180
 RENDER_MS = 120_000
