@@ -1,5 +1,5 @@
-from saesteer.ui import duel
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import duel
 
 with page() as ctx:
     duel.render(ctx)

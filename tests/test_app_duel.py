@@ -19,10 +19,10 @@ PAGE = "pages/0_Concept_duel.py"
 def duel_env(fixture_env, monkeypatch):
     """Looser candidate thresholds, so that the random fixture has concepts of every kind (see test_duel.LOOSE)."""
     monkeypatch.setattr(duel, "DUEL_CANDIDATES", LOOSE)
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
-    parts = loaders._tiny_parts()
-    data = loaders._tiny_feature_data(1)
+    parts = sources.tiny_parts()
+    data = sources.tiny_feature_data(1)
     from saesteer.evaluation import FeatureBank
 
     return parts, kinds(parts["lm"], FeatureBank.from_feature_data(data))
@@ -51,9 +51,9 @@ def test_duel_with_both_picks_streams_three_columns(duel_env):
     from saesteer.steering import generate
 
     from saesteer.evaluation import FeatureBank
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
-    plan = duel.plan(duel.candidates(parts["lm"], FeatureBank.from_feature_data(loaders._tiny_feature_data(1)), concept))
+    plan = duel.plan(duel.candidates(parts["lm"], FeatureBank.from_feature_data(sources.tiny_feature_data(1)), concept))
     feats, s = plan.strength_rows(3.0)
     fast = at.checkbox(key="duel_fast").value
     expect = generate(parts["lm"], ["From my experience,"] * 3, sae=parts["saes"][1], features=feats, strengths=s, max_new_tokens=32,
@@ -128,7 +128,7 @@ def test_device_line_names_the_device_and_the_path_taken(monkeypatch):
 
     import torch
 
-    from conftest import make_tiny_model
+    from saesteer.testing import make_tiny_model
     from saesteer import steering
     from saesteer.ui.duel import device_line
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from saesteer.paths import FIXTURE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -45,8 +47,8 @@ def server():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser test")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright==1.65.2")
     port = _free_port()
-    env = {**os.environ, "SAESTEER_TEST_FIXTURE": "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's code
+    # PYTHONPATH: the server runs this checkout's code, not whatever saesteer is installed.
+    env = {**os.environ, FIXTURE_ENV: "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "PYTHONPATH": str(ROOT / "src")}
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit.log", "w")
     proc = subprocess.Popen(
@@ -195,10 +197,9 @@ def test_sidebar_state_survives_navigation_and_steering_streams(server, browser)
 
 def _concept_with_both_picks(theta: float) -> str:
     """A word of the tiny fixture (the server's layer 1) with an activation pick and a different output pick."""
-    from conftest import WORDS, make_tiny_model, make_tiny_sae
+    from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
     from saesteer import duel
     from saesteer.evaluation import CandidateParams, FeatureBank
-    from saesteer.ui.fixture import tiny_feature_data
 
     lm, sae = make_tiny_model(), make_tiny_sae(layer=1, seed=1)
     bank = FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))

@@ -8,12 +8,11 @@ import threading
 import pytest
 import torch
 
-from conftest import WORDS, make_tiny_model, make_tiny_sae
+from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
 from saesteer import duel
 from saesteer.config import ConfigError, SteerParams
 from saesteer.evaluation import CandidateParams, FeatureBank
 from saesteer.steering import generate, stream_rows
-from saesteer.ui.fixture import tiny_feature_data
 
 LOOSE = CandidateParams(theta=0.2, top_k=1)
 """On random tiny data few features fire mostly on one word; looser thresholds give every kind of concept."""

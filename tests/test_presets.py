@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import WORDS, make_tiny_model, make_tiny_sae
+from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
 from saesteer import presets
 from saesteer.evaluation import FeatureBank, repetition
-from saesteer.ui.fixture import tiny_feature_data
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,15 @@ from contextlib import closing
 
 import streamlit as st
 
-from .. import duel as duel_lib
-from .. import presets as presets_lib
-from ..config import ConfigError
-from ..evaluation import FeatureBank
-from .context import CONCEPT, PRESENT, SEED, STRENGTH, AppContext
-from .data import live_lens_tokens
+from ... import duel as duel_lib
+from ... import presets as presets_lib
+from ...config import ConfigError
+from ...evaluation import FeatureBank
+from ..context import AppContext
+from ..data import live_lens_tokens
+from ..render import contexts_html, token_chips_html
+from ..session import CONCEPT, PRESENT, SEED, STRENGTH
 from .lab import _shown_errors
-from .render import contexts_html, md_token, token_chips_html
 
 COLORS = {"baseline": "#7f7f7f", "activation": "#1f77b4", "output": "#d62728"}
 MANAGER_LINE = (
@@ -48,7 +49,7 @@ def _defaults(key: tuple, _lm, _sae, _bank) -> presets_lib.Defaults:
 
 def _results_stamp() -> tuple:
     """Changes when an evaluation run is added or rewritten (the defaults then follow it)."""
-    from ..evaluation import eval_roots
+    from ...evaluation import eval_roots
 
     metas = [m for root in eval_roots() for m in sorted(root.glob("**/meta.json"))]
     return tuple((str(m), m.stat().st_mtime) for m in metas)
@@ -62,7 +63,7 @@ def defaults_for(ctx: AppContext) -> presets_lib.Defaults:
 def device_line(ctx: AppContext, fast: bool, rows: int = 3) -> str:
     """Which device decodes a batch of ``rows``, and on which path, in one line (the path actually taken:
     ``steering.decoding_model`` keeps batches above ``FAST_MAX_BATCH`` on the exact model)."""
-    from ..steering import decoding_model
+    from ...steering import decoding_model
 
     dev = ctx.lm.device
     exact = not fast or decoding_model(ctx.lm, rows, fast) is ctx.lm.model
@@ -221,7 +222,7 @@ def _present_css() -> None:
 
 
 def render(ctx: AppContext) -> None:
-    from .common import require_data
+    from ..common import require_data
 
     require_data(ctx)
     present = bool(st.session_state.get(PRESENT))
