@@ -12,7 +12,7 @@ concept (``baselines.mention_pattern``, plural allowed), *fluency* is (1 − big
 perplexity factor, with the baseline column's perplexity as the reference. The verdict is computed from
 these numbers after the run, never written in advance.
 
-No Streamlit here: ``saesteer.ui.duel`` renders it.
+No Streamlit here: ``saesteer.ui.pages.duel`` renders it.
 """
 
 from __future__ import annotations
