@@ -206,3 +206,9 @@ def densities(features: np.ndarray, density: np.ndarray, width: int) -> np.ndarr
     out = np.full(width, np.nan)
     out[np.asarray(features, dtype=np.int64)] = np.asarray(density, dtype=np.float64)
     return out
+
+
+def explain_amps(ps: PromptStrength, sae: LoadedSae, features: list[int], amps: list[float]) -> list[str]:
+    """:meth:`PromptStrength.explain` for each (feature, amp): what each paper-mode strength adds at the prompt."""
+    norms = sae.directions(list(features)).float().norm(dim=1).tolist() if features else []
+    return [ps.explain(n, a) for n, a in zip(norms, amps)]
