@@ -15,7 +15,7 @@ from ..config import EMBEDDED_MODEL, ConfigError, ModelSpec, SaeSpec
 from ..models import LoadedModel
 from ..paths import allowed_roots, cache_root
 from ..subsets import subset_label
-from . import loaders, sae_picker
+from . import diagnostics_panel, loaders, sae_picker
 from .context import AppContext
 from .loaders import SaeChoice
 from .nav import sidebar_links
@@ -238,6 +238,7 @@ def render_sidebar() -> AppContext:
                 ctx.choice = _layer_picker(ctx.choices)
                 ctx.sae = ctx.sources.load_sae(ctx.choice.spec, ctx.model_spec, ctx.lm)
                 st.caption(f"SAE **{ctx.sae.id}** · layer {ctx.sae.layer} · {ctx.sae.width:,} features · `{ctx.sae.hook_name}`" + _quality(ctx.choice.metrics))
+                diagnostics_panel.sidebar(ctx)
             except Exception as exc:  # unknown release, d_in mismatch, no SAE at the layer...
                 ctx.errors.append(f"SAE: {exc}")
                 st.error(f"Could not load the SAE: {exc}")

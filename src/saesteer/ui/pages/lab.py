@@ -24,6 +24,7 @@ from ...config import (
 )
 from ...memory import describe, free_memory, is_out_of_memory
 from ...steering import generate, stream_pair
+from .. import diagnostics_panel
 from ..context import AppContext
 from ..data import live_lens_tokens
 from ..exports import steering_vector
@@ -355,6 +356,9 @@ def render(ctx: AppContext) -> None:
     if LAB_ROWS not in st.session_state or not st.session_state[LAB_ROWS]:
         st.session_state[LAB_ROWS] = _initial_rows(ctx)
     rows = _rows_editor(ctx, mode)
+    if mode == "paper":  # what each amp means here, in plain words
+        for r in rows:
+            diagnostics_panel.caption(ctx, prompt, int(r["feature"]), float(r["strength"]), where=f"Feature {int(r['feature'])}: ")
 
     with st.expander("Sampling", expanded=False):
         c1, c2, c3, c4 = st.columns(4)
