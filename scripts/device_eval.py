@@ -25,7 +25,7 @@ def smoke() -> None:
     import torch
 
     from saesteer.baselines import LoraParams
-    from saesteer.evaluate import EvalParams, FeatureScores, run_evaluation
+    from saesteer.evaluation import EvalParams, FeatureScores, run_evaluation
     from saesteer.features import compute_many
     from saesteer.models import LoadedModel
     from saesteer.saes import LoadedSae

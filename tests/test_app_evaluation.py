@@ -14,8 +14,9 @@ import pytest
 from test_app import XSS, app, no_exception, texts
 from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 
-from saesteer import evaluate, paths
-from saesteer.evaluate import EvalResults, run_evaluation, run_progress
+from saesteer import evaluation as evaluate
+from saesteer import paths
+from saesteer.evaluation import EvalResults, run_evaluation, run_progress
 from saesteer.ui import evaltables
 from saesteer.ui.nav import PAGES as NAV
 

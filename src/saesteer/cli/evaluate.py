@@ -21,7 +21,7 @@ from .flags import parse_floats, parse_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluate import DIFFMEAN_COEFFS, METHODS
+    from ..evaluation import DIFFMEAN_COEFFS, METHODS
 
     add_model_args(p)
     add_sae_args(p)
@@ -53,7 +53,7 @@ def _floats(values: list[str] | None, what: str, default: tuple[float, ...]) -> 
 
 def params_from_args(args: argparse.Namespace):
     """Everything that needs no model, validated before the model loads."""
-    from ..evaluate import DIFFMEAN_COEFFS, METHODS, EvalParams
+    from ..evaluation import DIFFMEAN_COEFFS, METHODS, EvalParams
 
     methods = tuple(args.methods) if args.methods else METHODS
     return EvalParams(
@@ -70,7 +70,7 @@ def params_from_args(args: argparse.Namespace):
 
 def feature_scores(lm, sae, directory: str | None):
     """Input/output scores and logit lens of ``sae``: from ``directory`` or the SAE's bundled feature data."""
-    from ..evaluate import FeatureScores
+    from ..evaluation import FeatureScores
     from ..features import FeatureData, load_bundled
 
     if directory:
@@ -90,7 +90,7 @@ def feature_scores(lm, sae, directory: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import evaluate, models, saes
+    from .. import evaluation as evaluate, models, saes
     from ..features import FeatureDataError
     from ..saes import SaeLoadError
 

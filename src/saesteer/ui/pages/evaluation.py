@@ -19,7 +19,8 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from ... import evaluate, paths
+from ... import evaluation as evaluate
+from ... import paths
 from .. import evaltables as et
 from .. import loaders
 from ..context import AppContext
