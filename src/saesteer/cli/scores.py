@@ -38,6 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
     p.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features scored per forward for the output score")
     p.add_argument("--amp", type=float, default=10.0, help="output-score amplification (paper: 10)")
+    many = p.add_argument_group("many SAEs at once (each saved where the app reads it)")
+    many.add_argument("--layers", default=None, help="bundled SAEs at these layers, e.g. 2,5,8 or 0-17; with --release, that release's SAEs at these layers")
+    many.add_argument("--release", default=None, help="a sae-lens release, e.g. gemma-scope-2-270m-pt-res-all (with --ids and/or --layers)")
+    many.add_argument("--ids", default=None, metavar="PATTERN", help="SAE ids of --release matching this shell pattern, e.g. 'layer_*_width_16k_*'")
+    many.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                      help="run on a Ray cluster: no ADDRESS starts a local one on this machine; else HOST:PORT of `ray start --head`, ray://HOST:PORT or auto")
+    many.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all of this machine's)")
+    many.add_argument("--ray-retries", type=int, default=3, help="times a task whose worker died is rerun (a rerun of the command resumes anyway)")
 
 
 def parse_features(text: str) -> list[int]:
@@ -97,7 +105,15 @@ class _Bars:
                 bar.close()
 
 
+def _many(args: argparse.Namespace) -> bool:
+    return bool(args.layers or args.release or args.ids or args.ray)
+
+
 def run(args: argparse.Namespace) -> int:
+    if _many(args):
+        from .scores_many import run_many
+
+        return run_many(args)
     from ..config import ScoreParams
     from ..corpus import CorpusError, open_source
     from ..features import (

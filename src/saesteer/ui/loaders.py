@@ -179,7 +179,9 @@ def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
     """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
     from ..store import sae_fingerprint
 
-    return cache_root() / "app-features" / _slug(model_name) / f"{_slug(sae.id)}-{_fingerprint(sae, sae_fingerprint)}"
+    from ..features import saved_dir
+
+    return saved_dir(model_name, sae.id, _fingerprint(sae, sae_fingerprint))
 
 
 def _fingerprint(sae: LoadedSae, fn) -> str:
@@ -235,8 +237,20 @@ def load_feature_data(model_name: str, sae: LoadedSae):
     return _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime)
 
 
+def choice_sae_id(choice: SaeChoice) -> str:
+    """The id :func:`saesteer.saes.load_sae` gives the SAE of ``choice`` (what its saved data is named by)."""
+    spec = choice.spec
+    if spec.source == "release":
+        return f"{spec.release}/{spec.sae_id}"
+    if spec.source == "local":
+        return Path(spec.path).expanduser().name
+    return spec.sae_id or choice.ref
+
+
 def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae | None = None, current_data=None) -> dict[int, object]:
     """Scores tables of every offered SAE whose feature data is already available (nothing is computed)."""
+    from ..features import latest_saved
+
     out = {}
     for choice in choices:
         if fixture_mode() == "tiny":
@@ -244,6 +258,11 @@ def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae |
         elif choice.spec.source == "bundled" and _has_data(bundled_feature_dir(model_name, choice.ref)):
             path = bundled_feature_dir(model_name, choice.ref)
             out[choice.layer] = _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table
+        elif (path := latest_saved(model_name, choice_sae_id(choice))) is not None:  # e.g. from `scores --layers … --ray`
+            try:
+                out.setdefault(choice.layer, _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table)
+            except Exception:  # noqa: BLE001 - damaged saved data: the overview simply leaves that layer out
+                pass
     if current is not None and current_data is not None:
         out[current.layer] = current_data.table
     return dict(sorted(out.items()))
