@@ -114,7 +114,7 @@ def test_ray_run_equals_local_run(ray_cluster, tiny_lm, tmp_path):
     calls = []
     got, report = job(progress=lambda done, total, what: calls.append((done, total)))
     local = compute_many(tiny_lm, saes, seqs, PARAMS, None, store=Store(tmp_path / "local"), batch_sequences=8, corpus_name="test")
-    assert report.submitted == 3 + 1 + 3 * 2  # chunks of SAE 0 and 1, then 3 shards of 24 sequences for both SAEs (one group)
+    assert report.submitted == 3 + 1 + 3  # chunks of SAE 0 and 1, then 3 shards of 24 sequences, each for both SAEs (one group)
     assert calls[0] == (0, report.submitted) and calls[-1] == (report.submitted, report.submitted)
     assert all(n == 1 for n in report.model_loads.values()) and 1 <= len(report.pids) <= 2  # the model once per worker
     for g, l in zip(got, local):
@@ -141,8 +141,8 @@ def test_killed_worker_then_rerun_computes_only_missing_chunks(ray_cluster, tiny
         job(kill=(saes[0].id, OUTPUT_CHUNK))
     data, report = job()
     assert report.chunk_tasks == [(saes[0].id, OUTPUT_CHUNK)] and report.cached == 3
-    fresh, _ = _job(tiny_lm, tmp_path / "fresh", only="output")[2]()
-    for a, b in zip(data, fresh):
+    local = compute_many(tiny_lm, saes, None, PARAMS, None, only="output", store=Store(tmp_path / "local"))
+    for a, b in zip(data, local):
         np.testing.assert_allclose(a.table["output_score"], b.table["output_score"], rtol=1e-6)
 
 
@@ -189,10 +189,10 @@ def test_cli_refuses_bad_selections(capsys):
 def test_release_selection_by_pattern_and_layers():
     from saesteer.saes import select
 
-    specs = select(release="gemma-scope-2-270m-pt-res-all", pattern="layer_*_width_16k_*", layers=[0, 1, 17])
-    assert [s.sae_id.split("_")[1] for s in specs] == ["0", "1", "17"] and all("16k" in s.sae_id for s in specs)
-    every = select(release="gemma-scope-2-270m-pt-res-all", pattern="*_width_16k_*")
-    assert len(every) == 18
+    specs = select(release="gemma-scope-2-270m-pt-res-all", pattern="layer_*_width_16k_l0_small", layers=[0, 1, 17])
+    assert [s.sae_id for s in specs] == [f"layer_{i}_width_16k_l0_small" for i in (0, 1, 17)]
+    every = select(release="gemma-scope-2-270m-pt-res-all")  # 18 layers x {16k, 262k} x {small, big} L0
+    assert len(every) == 72 and [int(s.sae_id.split("_")[1]) for s in every] == sorted(i for i in range(18) for _ in range(4))
 
 
 def test_scores_without_ray_never_imports_ray(tmp_path):

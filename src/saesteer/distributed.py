@@ -348,12 +348,11 @@ def run_job(
     shards: list[tuple[list[int], int, int]] = []  # (sae indices still missing it, start, stop)
     if only != "output":
         step = -(-max(cluster.shard_sequences, 1) // batch_sequences) * batch_sequences
-        act_missing = [i for i in range(len(saes)) if store.load_arrays(keys[i].activations, "activations.npz") is None]
-        for group in _groups([saes[i] for i in act_missing], cluster.group_width):
-            members = [act_missing[g] for g in group]
+        merged = [store.load_arrays(keys[i].activations, "activations.npz") is not None for i in range(len(saes))]
+        for members in _groups(saes, cluster.group_width):
             for start in range(0, len(seqs), step):
                 stop = min(start + step, len(seqs))
-                need = [i for i in members if not _have(store, keys[i].activations, _shard_name(start, stop), saes[i].width)]
+                need = [i for i in members if not merged[i] and not _have(store, keys[i].activations, _shard_name(start, stop), saes[i].width)]
                 if need:
                     shards.append((need, start, stop))
                 else:

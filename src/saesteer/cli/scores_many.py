@@ -63,7 +63,7 @@ def run_many(args: argparse.Namespace) -> int:
         try:  # connect first: a wrong address or a missing Ray fails before the model loads
             cluster = ClusterParams(address=None if args.ray == "local" else args.ray, num_cpus=args.ray_cpus, max_retries=args.ray_retries)
             connect(cluster)
-        except (RayUnavailable, USER_ERRORS) as exc:
+        except (RayUnavailable, *USER_ERRORS) as exc:
             return fail(str(exc))
 
     from ..models import load_model
