@@ -207,3 +207,26 @@ def test_scores_without_ray_never_imports_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "NO-RAY"
+
+
+def test_saved_data_shows_in_the_layers_overview(ray_cluster, tiny_lm, tmp_path, monkeypatch):
+    """What `scores --release … --ray` saves is what the Layers overview lists for SAEs that ship no data."""
+    from saesteer.config import SaeSpec
+    from saesteer.features import saved_dir
+    from saesteer.store import sae_fingerprint
+    from saesteer.ui import loaders
+
+    monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
+    saes, _, job = _job(tiny_lm, tmp_path, only="output")
+    data, _ = job()
+    choices = []
+    for sae, d in zip(saes, data):
+        d.save(saved_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
+        release, sae_id = "some-release", sae.id
+        sae.id = f"{release}/{sae_id}"  # as load_sae names a release's SAE
+        d.save(saved_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
+        choices.append(loaders.SaeChoice(layer=sae.layer, label=sae.id, spec=SaeSpec(source="release", release=release, sae_id=sae_id), ref=sae.id))
+    tables = loaders.layer_tables(tiny_lm.name, choices)
+    assert sorted(tables) == [1, 3]
+    for sae, d in zip(saes, data):
+        assert tables[sae.layer]["output_score"].tolist() == d.table["output_score"].tolist()

@@ -1,0 +1,161 @@
+"""Ray scaling on this machine: the same output-score job on a local Ray cluster with 1 worker and with 2 workers,
+and locally without Ray; prints times and ratios measured in one run.
+
+    nice -n 5 python benchmarks/scale.py [--layer 11] [--only output|all] [--tokens 8192]
+
+The job: the logit lens and output scores of every feature of the bundled SAE at ``--layer`` (8 tasks of 512
+features; with ``--only all`` also an activation pass over ``--tokens`` corpus tokens, in shards of 16
+sequences). Each configuration scores into its own empty cache, after a warm-up that has both workers load the
+model and SAE (a worker keeps them for every later task), so the times are the steady state of a long job:
+
+- 1 worker: tasks reserve both CPUs and use 2 torch threads (one task at a time);
+- 2 workers: tasks reserve 1 CPU each and use 1 torch thread (two at a time);
+- local: ``features.compute_many`` in this process (2 threads), no Ray.
+
+Other jobs share this machine: the ratios hold better than the times, and the load at start and end is printed.
+The per-feature cost is printed too, extrapolated to Gemma Scope 2 270M ``res-all`` (72 SAEs, 10.0M features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saesteer import distributed
+from saesteer.bundle import pack_sequences
+from saesteer.config import ModelSpec, SaeSpec, ScoreParams
+from saesteer.corpus import iter_bundled
+from saesteer.features import compute_many
+from saesteer.models import load_model
+from saesteer.saes import load_sae
+from saesteer.store import Store
+
+RES_ALL_FEATURES = 18 * 2 * (16384 + 262144)  # layers x L0 variants x (16k + 262k)
+
+
+def _warm(loader, ref, pause: float) -> int:
+    """In a worker: load the model and the SAE (kept by the worker for later tasks), then hold the CPU slot a
+    moment so that the next warm-up lands on another worker."""
+    distributed._worker_objects(loader, ref)
+    time.sleep(pause)
+    return os.getpid()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--only", choices=["output", "all"], default="output")
+    ap.add_argument("--tokens", type=int, default=8192, help="corpus tokens of the activation pass (--only all)")
+    args = ap.parse_args(argv)
+
+    print(f"load at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    spec = ModelSpec()
+    lm = load_model(spec)
+    sae_spec = SaeSpec(source="bundled", layer=args.layer)
+    sae = load_sae(sae_spec, lm)
+    n = sae.width
+    params = ScoreParams()
+    seqs = list(pack_sequences(lm.tokenizer, iter_bundled("train"), 128)) if args.only == "all" else None
+    ray = distributed.connect(distributed.ClusterParams(num_cpus=2))
+    loader = distributed.SpecLoader(spec)
+    warm = ray.remote(_warm).options(num_cpus=1)
+    pids = ray.get([warm.remote(loader, sae_spec, 5.0) for _ in range(2)])
+    print(f"warm-up: model and SAE loaded in worker processes {sorted(set(pids))}")
+
+    def job(cpus_per_task: float, store_dir: str):
+        cluster = distributed.ClusterParams(num_cpus=2, cpus_per_task=cpus_per_task, shard_sequences=16)
+        start = time.perf_counter()
+        _, report = distributed.run_job(lm, [sae], [sae_spec], loader, seqs, params, args.tokens, args.only,
+                                        Store(store_dir), "bundled", cluster)
+        return time.perf_counter() - start, report
+
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cpus in (("2 workers", 1.0), ("1 worker", 2.0)):
+            times[name], report = job(cpus, f"{tmp}/{name}")
+            print(f"{name}: {times[name]:.1f} s for {n} features ({report.submitted} tasks on {len(report.pids)} worker process(es), "
+                  f"model loads per worker {sorted(report.model_loads.values())})")
+        start = time.perf_counter()
+        compute_many(lm, [sae], seqs, params, args.tokens, only=args.only, store=Store(f"{tmp}/local"), use_bundled=False)
+        times["local"] = time.perf_counter() - start
+        print(f"local (no Ray, {torch.get_num_threads()} threads): {times['local']:.1f} s")
+    ray.shutdown()
+    print(f"ratio 1 worker / 2 workers: {times['1 worker'] / times['2 workers']:.2f}x (2 workers faster when > 1); "
+          f"local / 2 workers: {times['local'] / times['2 workers']:.2f}x")
+    per = times["2 workers"] / n
+    print(f"per feature on this machine (2 workers, both CPUs, --only {args.only}): {per * 1e3:.1f} ms -> Gemma Scope 2 270M res-all "
+          f"({RES_ALL_FEATURES:,} features): {per * RES_ALL_FEATURES / 3600:.1f} h on this 2-CPU machine, "
+          f"{2 * per * RES_ALL_FEATURES / 3600:.1f} CPU-hours")
+    print(f"load at end: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def _warm(loader, ref, pause: float) -> int:
+    """In a worker: load the model and the SAE (kept by the worker for later tasks), then hold the CPU slot a
+    moment so that the next warm-up lands on another worker."""
+    distributed._worker_objects(loader, ref)
+    time.sleep(pause)
+    return os.getpid()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--chunks", type=int, default=4, help="chunks of 512 features per job (>= 2, so that 2 workers share it)")
+    ap.add_argument("--only", choices=["output", "all"], default="output")
+    ap.add_argument("--tokens", type=int, default=8192, help="corpus tokens of the activation pass (--only all)")
+    args = ap.parse_args(argv)
+
+    print(f"load at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    spec = ModelSpec()
+    lm = load_model(spec)
+    sae_spec = SaeSpec(source="bundled", layer=args.layer)
+    sae = load_sae(sae_spec, lm)
+    n = min(args.chunks * OUTPUT_CHUNK, sae.width)
+    if n < sae.width:
+        print(f"SAE '{sae.id}': the job covers features 0..{n - 1} of {sae.width} ({args.chunks} chunks); whole-SAE figures are per-feature extrapolations")
+    params = ScoreParams()
+    seqs = list(pack_sequences(lm.tokenizer, iter_bundled("train"), 128)) if args.only == "all" else None
+    cluster_cpus = 2
+    ray = distributed.connect(distributed.ClusterParams(num_cpus=cluster_cpus))
+    loader = distributed.SpecLoader(spec)
+
+    def job(cpus_per_task: float, store_dir: str, chunks: int):
+        cluster = distributed.ClusterParams(num_cpus=cluster_cpus, cpus_per_task=cpus_per_task, shard_sequences=16)
+        prefix = PrefixSae(sae, chunks * OUTPUT_CHUNK)
+        start = time.perf_counter()
+        _, report = distributed.run_job(lm, [prefix.loaded], [prefix.ref], loader, seqs, params, args.tokens, args.only,
+                                        Store(store_dir), "bundled", cluster)
+        return time.perf_counter() - start, report
+
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cpus in (("2 workers", 1.0), ("1 worker", 2.0)):
+            job(1.0, f"{tmp}/warm-{name}", 2)  # every worker loads the model once
+            times[name], report = job(cpus, f"{tmp}/{name}", args.chunks)
+            print(f"{name}: {times[name]:.1f} s for {n} features ({report.submitted} tasks on {len(report.pids)} worker process(es), "
+                  f"model loads per worker {sorted(report.model_loads.values())})")
+        prefix = PrefixSae(sae, n)
+        start = time.perf_counter()
+        compute_many(lm, [prefix.loaded], seqs, params, args.tokens, only=args.only, store=Store(f"{tmp}/local"))
+        times["local"] = time.perf_counter() - start
+        print(f"local (no Ray, {torch.get_num_threads()} threads): {times['local']:.1f} s")
+    ray.shutdown()
+    print(f"ratio 1 worker / 2 workers: {times['1 worker'] / times['2 workers']:.2f}x (2 workers faster when > 1); "
+          f"local / 2 workers: {times['local'] / times['2 workers']:.2f}x")
+    per = times["2 workers"] / n
+    print(f"per feature on this machine (2 workers, both CPUs, --only {args.only}): {per * 1e3:.1f} ms -> Gemma Scope 2 270M res-all "
+          f"({RES_ALL_FEATURES:,} features): {per * RES_ALL_FEATURES / 3600:.1f} h on this 2-CPU machine, "
+          f"{2 * per * RES_ALL_FEATURES / 3600:.1f} CPU-hours")
+    print(f"load at end: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
