@@ -1,11 +1,12 @@
 """Ray scaling on this machine: the same output-score job on a local Ray cluster with 1 worker and with 2 workers,
 and locally without Ray; prints times and ratios measured in one run.
 
-    nice -n 5 python benchmarks/scale.py [--layer 11] [--only output|all] [--tokens 8192]
+    nice -n 5 python benchmarks/scale.py [--layer 11] [--features 1024] [--only output|all] [--tokens 8192]
 
-The job: the logit lens and output scores of every feature of the bundled SAE at ``--layer`` (8 tasks of 512
-features; with ``--only all`` also an activation pass over ``--tokens`` corpus tokens, in shards of 16
-sequences). Each configuration scores into its own empty cache, after a warm-up that has both workers load the
+The job: the logit lens and output scores of ``--features`` features (chunks of 512, one task each; with
+``--only all`` also an activation pass over ``--tokens`` corpus tokens, in shards of 16 sequences) of a copy
+of the bundled SAE at ``--layer`` cut to its first latents (saved to a temporary sae-lens directory that the
+workers load; the per-feature cost is that of the full SAE's features). Each configuration scores into its own empty cache, after a warm-up that has both workers load the
 model and SAE (a worker keeps them for every later task), so the times are the steady state of a long job:
 
 - 1 worker: tasks reserve both CPUs and use 2 torch threads (one task at a time);
@@ -39,6 +40,22 @@ from saesteer.store import Store
 RES_ALL_FEATURES = 18 * 2 * (16384 + 262144)  # layers x L0 variants x (16k + 262k)
 
 
+def cut(sae, n: int, directory: str) -> SaeSpec:
+    """A TopK SAE made of the first ``n`` latents of ``sae``, saved where every worker of this machine loads it."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    s = sae.sae
+    cfg = TopKSAEConfig(d_in=s.cfg.d_in, d_sae=n, k=min(s.cfg.k, n), metadata=s.cfg.metadata)
+    small = TopKSAE(cfg)
+    with torch.no_grad():
+        small.W_enc.copy_(s.W_enc[:, :n])
+        small.W_dec.copy_(s.W_dec[:n])
+        small.b_enc.copy_(s.b_enc[:n])
+        small.b_dec.copy_(s.b_dec)
+    small.save_model(directory)
+    return SaeSpec(source="local", path=directory)
+
+
 def _warm(loader, ref, pause: float) -> int:
     """In a worker: load the model and the SAE (kept by the worker for later tasks), then hold the CPU slot a
     moment so that the next warm-up lands on another worker."""
@@ -50,6 +67,7 @@ def _warm(loader, ref, pause: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=11)
+    ap.add_argument("--features", type=int, default=1024, help="score a copy of the SAE cut to its first N latents (timing only; >= 1024 so that 2 workers share it)")
     ap.add_argument("--only", choices=["output", "all"], default="output")
     ap.add_argument("--tokens", type=int, default=8192, help="corpus tokens of the activation pass (--only all)")
     args = ap.parse_args(argv)
@@ -57,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     spec = ModelSpec()
     lm = load_model(spec)
-    sae_spec = SaeSpec(source="bundled", layer=args.layer)
+    full = load_sae(SaeSpec(source="bundled", layer=args.layer), lm)
+    tmp_sae = tempfile.TemporaryDirectory()
+    sae_spec = cut(full, args.features, tmp_sae.name)
     sae = load_sae(sae_spec, lm)
     n = sae.width
+    print(f"SAE: the first {n} latents of '{full.id}' as a TopK SAE of their own (a sliced copy: timing only, not its scores)")
     params = ScoreParams()
     seqs = list(pack_sequences(lm.tokenizer, iter_bundled("train"), 128)) if args.only == "all" else None
     ray = distributed.connect(distributed.ClusterParams(num_cpus=2))
@@ -96,6 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cut(sae, n: int, directory: str) -> SaeSpec:
+    """A TopK SAE made of the first ``n`` latents of ``sae``, saved where every worker of this machine loads it."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    s = sae.sae
+    cfg = TopKSAEConfig(d_in=s.cfg.d_in, d_sae=n, k=min(s.cfg.k, n), metadata=s.cfg.metadata)
+    small = TopKSAE(cfg)
+    with torch.no_grad():
+        small.W_enc.copy_(s.W_enc[:, :n])
+        small.W_dec.copy_(s.W_dec[:n])
+        small.b_enc.copy_(s.b_enc[:n])
+        small.b_dec.copy_(s.b_dec)
+    small.save_model(directory)
+    return SaeSpec(source="local", path=directory)
+
+
 def _warm(loader, ref, pause: float) -> int:
     """In a worker: load the model and the SAE (kept by the worker for later tasks), then hold the CPU slot a
     moment so that the next warm-up lands on another worker."""
@@ -108,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=11)
     ap.add_argument("--chunks", type=int, default=4, help="chunks of 512 features per job (>= 2, so that 2 workers share it)")
+    ap.add_argument("--features", type=int, default=1024, help="score a copy of the SAE cut to its first N latents (timing only; >= 1024 so that 2 workers share it)")
     ap.add_argument("--only", choices=["output", "all"], default="output")
     ap.add_argument("--tokens", type=int, default=8192, help="corpus tokens of the activation pass (--only all)")
     args = ap.parse_args(argv)
