@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", type=int, default=32, help="sequences of 128 tokens per activation-pass batch")
     ap.add_argument("--batches", type=int, default=8, help="activation-pass batches; the second half (past the first 100 sequences, once the top-100 buffers are full) is the steady state")
     ap.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features per forward of the output score")
-    ap.add_argument("--part", choices=["all", "output", "activations", "ratios"], default="all", help="run only one part")
+    ap.add_argument("--part", choices=["all", "output", "activations", "ratios", "lens-ratio", "cli-ratio"], default="all",
+                    help="run only one part (ratios = lens-ratio + cli-ratio)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     params = ScoreParams(batch_size=args.batch_size)
     print(f"rss after load: {rss_gb():.2f} GB")
 
-    if args.part in ("all", "ratios"):
-        bench_ratios(lm, sae, params, args.ref_features)
-    if args.part == "ratios":
+    if args.part in ("all", "ratios", "lens-ratio", "cli-ratio"):
+        bench_ratios(lm, sae, params, args.ref_features, lens=args.part != "cli-ratio", cli=args.part != "lens-ratio")
+    if "ratio" in args.part:
         return 0
     if args.part != "activations":
         lens, out = bench_output_scores(lm, sae, params, args.ref_features)
@@ -111,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench_ratios(lm, sae, params, ref_features: int) -> None:
+def bench_ratios(lm, sae, params, ref_features: int, lens: bool = True, cli: bool = True) -> None:
     """Logit lens vs its matmul, block by block; the CLI run vs the reference, extrapolated per feature."""
-    import os
-    import subprocess
+    if lens:
+        bench_lens_ratio(lm, sae, params)
+    if cli:
+        bench_cli_ratio(lm, sae, params, ref_features)
 
+
+def bench_lens_ratio(lm, sae, params) -> None:
     from saesteer.scores import _wide
 
     w = lm.lm_head.weight
@@ -130,6 +135,11 @@ def bench_ratios(lm, sae, params, ref_features: int) -> None:
     print(f"logit lens, all {sae.width} features: {t_lens:.1f} s; plain matmul {sae.width} x {lm.d_model} x {lm.vocab_size} in the same "
           f"blocks: {t_mm:.1f} s -> lens / matmul {t_lens / t_mm:.2f}x (target <= 2x)")
 
+
+def bench_cli_ratio(lm, sae, params, ref_features: int) -> None:
+    import os
+    import subprocess
+
     spread = np.linspace(0, sae.width - 1, max(ref_features, 2)).astype(int)
     output_score_reference(lm, sae, int(spread[0]), params)  # warm-up
     ref_t = [timed(lambda f=int(f): output_score_reference(lm, sae, f, params))[0] for f in spread[: len(spread) // 2]]
@@ -138,6 +148,7 @@ def bench_ratios(lm, sae, params, ref_features: int) -> None:
     start = time.perf_counter()
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True)
     t_cli = time.perf_counter() - start
+    print(f"CLI run done: {t_cli:.1f} s", flush=True)
     if done.returncode != 0:
         print(f"CLI run failed ({done.returncode}): {done.stderr[-500:]}")
         return
