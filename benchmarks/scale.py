@@ -24,14 +24,12 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from saesteer import distributed
-from saesteer.bundle import pack_sequences
+from saesteer.corpus import iter_bundled, pack_sequences
 from saesteer.config import ModelSpec, SaeSpec, ScoreParams
-from saesteer.corpus import iter_bundled
 from saesteer.features import compute_many
 from saesteer.models import load_model
 from saesteer.saes import load_sae
@@ -104,84 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"model loads per worker {sorted(report.model_loads.values())})")
         start = time.perf_counter()
         compute_many(lm, [sae], seqs, params, args.tokens, only=args.only, store=Store(f"{tmp}/local"), use_bundled=False)
-        times["local"] = time.perf_counter() - start
-        print(f"local (no Ray, {torch.get_num_threads()} threads): {times['local']:.1f} s")
-    ray.shutdown()
-    print(f"ratio 1 worker / 2 workers: {times['1 worker'] / times['2 workers']:.2f}x (2 workers faster when > 1); "
-          f"local / 2 workers: {times['local'] / times['2 workers']:.2f}x")
-    per = times["2 workers"] / n
-    print(f"per feature on this machine (2 workers, both CPUs, --only {args.only}): {per * 1e3:.1f} ms -> Gemma Scope 2 270M res-all "
-          f"({RES_ALL_FEATURES:,} features): {per * RES_ALL_FEATURES / 3600:.1f} h on this 2-CPU machine, "
-          f"{2 * per * RES_ALL_FEATURES / 3600:.1f} CPU-hours")
-    print(f"load at end: {os.getloadavg()[0]:.1f}")
-    return 0
-
-
-def cut(sae, n: int, directory: str) -> SaeSpec:
-    """A TopK SAE made of the first ``n`` latents of ``sae``, saved where every worker of this machine loads it."""
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    s = sae.sae
-    cfg = TopKSAEConfig(d_in=s.cfg.d_in, d_sae=n, k=min(s.cfg.k, n), metadata=s.cfg.metadata)
-    small = TopKSAE(cfg)
-    with torch.no_grad():
-        small.W_enc.copy_(s.W_enc[:, :n])
-        small.W_dec.copy_(s.W_dec[:n])
-        small.b_enc.copy_(s.b_enc[:n])
-        small.b_dec.copy_(s.b_dec)
-    small.save_model(directory)
-    return SaeSpec(source="local", path=directory)
-
-
-def _warm(loader, ref, pause: float) -> int:
-    """In a worker: load the model and the SAE (kept by the worker for later tasks), then hold the CPU slot a
-    moment so that the next warm-up lands on another worker."""
-    distributed._worker_objects(loader, ref)
-    time.sleep(pause)
-    return os.getpid()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layer", type=int, default=11)
-    ap.add_argument("--chunks", type=int, default=4, help="chunks of 512 features per job (>= 2, so that 2 workers share it)")
-    ap.add_argument("--features", type=int, default=1024, help="score a copy of the SAE cut to its first N latents (timing only; >= 1024 so that 2 workers share it)")
-    ap.add_argument("--only", choices=["output", "all"], default="output")
-    ap.add_argument("--tokens", type=int, default=8192, help="corpus tokens of the activation pass (--only all)")
-    args = ap.parse_args(argv)
-
-    print(f"load at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    spec = ModelSpec()
-    lm = load_model(spec)
-    sae_spec = SaeSpec(source="bundled", layer=args.layer)
-    sae = load_sae(sae_spec, lm)
-    n = min(args.chunks * OUTPUT_CHUNK, sae.width)
-    if n < sae.width:
-        print(f"SAE '{sae.id}': the job covers features 0..{n - 1} of {sae.width} ({args.chunks} chunks); whole-SAE figures are per-feature extrapolations")
-    params = ScoreParams()
-    seqs = list(pack_sequences(lm.tokenizer, iter_bundled("train"), 128)) if args.only == "all" else None
-    cluster_cpus = 2
-    ray = distributed.connect(distributed.ClusterParams(num_cpus=cluster_cpus))
-    loader = distributed.SpecLoader(spec)
-
-    def job(cpus_per_task: float, store_dir: str, chunks: int):
-        cluster = distributed.ClusterParams(num_cpus=cluster_cpus, cpus_per_task=cpus_per_task, shard_sequences=16)
-        prefix = PrefixSae(sae, chunks * OUTPUT_CHUNK)
-        start = time.perf_counter()
-        _, report = distributed.run_job(lm, [prefix.loaded], [prefix.ref], loader, seqs, params, args.tokens, args.only,
-                                        Store(store_dir), "bundled", cluster)
-        return time.perf_counter() - start, report
-
-    times = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, cpus in (("2 workers", 1.0), ("1 worker", 2.0)):
-            job(1.0, f"{tmp}/warm-{name}", 2)  # every worker loads the model once
-            times[name], report = job(cpus, f"{tmp}/{name}", args.chunks)
-            print(f"{name}: {times[name]:.1f} s for {n} features ({report.submitted} tasks on {len(report.pids)} worker process(es), "
-                  f"model loads per worker {sorted(report.model_loads.values())})")
-        prefix = PrefixSae(sae, n)
-        start = time.perf_counter()
-        compute_many(lm, [prefix.loaded], seqs, params, args.tokens, only=args.only, store=Store(f"{tmp}/local"))
         times["local"] = time.perf_counter() - start
         print(f"local (no Ray, {torch.get_num_threads()} threads): {times['local']:.1f} s")
     ray.shutdown()

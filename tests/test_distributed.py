@@ -16,9 +16,8 @@ from saesteer.config import ScoreParams
 from saesteer.features import OUTPUT_CHUNK, compute_many
 from saesteer.store import Store
 
-from tiny_loader import TinyLoader
+from saesteer.testing import TinyLoader
 
-TESTS = Path(__file__).resolve().parent
 REFS = [("topk", 1, 0, 2 * OUTPUT_CHUNK + 100), ("jumprelu", 3, 1, 300)]  # three chunks (the last short) and one
 PARAMS = ScoreParams(batch_size=64)
 FIELDS = ("n_tokens", "n_sequences", "fire_count", "max_activation", "hist_counts", "top_acts", "top_seq", "top_pos",
@@ -26,8 +25,7 @@ FIELDS = ("n_tokens", "n_sequences", "fire_count", "max_activation", "hist_count
 
 
 def corpus(lm, n: int = 70, length: int = 20, seed: int = 0) -> list[list[int]]:
-    from saesteer.ui.fixture import word_sequences
-    from conftest import WORDS
+    from saesteer.testing import WORDS, word_sequences
 
     return word_sequences(lm.tokenizer, WORDS, n=n, length=length, seed=seed)
 
@@ -82,15 +80,7 @@ def ray_cluster():
     pytest.importorskip("ray")
     from saesteer.distributed import ClusterParams, connect
 
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *([old] if old else [])])  # workers import tiny_loader
-    try:
-        ray = connect(ClusterParams(num_cpus=2))
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = old
+    ray = connect(ClusterParams(num_cpus=2))
     yield ray
     ray.shutdown()
 
@@ -212,7 +202,7 @@ def test_scores_without_ray_never_imports_ray(tmp_path):
 def test_saved_data_shows_in_the_layers_overview(ray_cluster, tiny_lm, tmp_path, monkeypatch):
     """What `scores --release … --ray` saves is what the Layers overview lists for SAEs that ship no data."""
     from saesteer.config import SaeSpec
-    from saesteer.features import saved_dir
+    from saesteer.paths import app_feature_dir
     from saesteer.store import sae_fingerprint
     from saesteer.ui import loaders
 
@@ -221,10 +211,10 @@ def test_saved_data_shows_in_the_layers_overview(ray_cluster, tiny_lm, tmp_path,
     data, _ = job()
     choices = []
     for sae, d in zip(saes, data):
-        d.save(saved_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
+        d.save(app_feature_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
         release, sae_id = "some-release", sae.id
         sae.id = f"{release}/{sae_id}"  # as load_sae names a release's SAE
-        d.save(saved_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
+        d.save(app_feature_dir(tiny_lm.name, sae.id, sae_fingerprint(sae)))
         choices.append(loaders.SaeChoice(layer=sae.layer, label=sae.id, spec=SaeSpec(source="release", release=release, sae_id=sae_id), ref=sae.id))
     tables = loaders.layer_tables(tiny_lm.name, choices)
     assert sorted(tables) == [1, 3]

@@ -324,7 +324,7 @@ def activation_pass(
     progress: Progress | None = None,
     first_sequence: int = 0,
 ) -> list[ActivationStats]:
-    """Run the model over token-id ``sequences`` (BOS first, as ``bundle.pack_sequences`` makes them) and
+    """Run the model over token-id ``sequences`` (BOS first, as ``corpus.pack_sequences`` makes them) and
     collect :class:`ActivationStats` for every SAE in ``saes``; stops after ``n_tokens`` non-BOS tokens.
 
     ``first_sequence``: the index of the first sequence in the whole corpus, when this is one shard of it

@@ -77,11 +77,10 @@ from .corpus import Doc
 from .judge import Judge
 from .memory import for_each_batch
 from .models import LoadedModel
+from . import paths
+from .paths import EVAL_ASSETS, eval_cache
 from .saes import LoadedSae
 
-ASSETS_EVAL = Path(__file__).resolve().parents[2] / "assets" / "eval"
-#: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/`` (as :class:`Evaluation` writes them).
-RESULTS_DIR = ASSETS_EVAL / "results"
 SAE_METHODS = ("sae_output", "sae_input", "sae_random")
 GRID_METHODS = (*SAE_METHODS, "diffmean")
 BASELINES = ("unsteered", "prompt", "diffmean", "lora")
@@ -103,11 +102,11 @@ def read_list(path: str | Path) -> list[str]:
 
 
 def default_concepts() -> list[str]:
-    return read_list(ASSETS_EVAL / "concepts.txt")
+    return read_list(EVAL_ASSETS / "concepts.txt")
 
 
 def default_prefixes() -> list[str]:
-    return read_list(ASSETS_EVAL / "prefixes.txt")
+    return read_list(EVAL_ASSETS / "prefixes.txt")
 
 
 @dataclass(frozen=True)
@@ -940,20 +939,16 @@ class EvalResults:
 
 def default_out_dir(model_name: str, sae_id: str) -> Path:
     """Where ``eval`` writes by default: ``$SAESTEER_CACHE/eval/<model>/<sae id>``."""
-    from .models import cache_root
-
     def safe(name: str) -> str:
         return name.replace("/", "__").replace(":", "_")
 
-    return cache_root() / "eval" / safe(model_name) / safe(sae_id)
+    return eval_cache() / safe(model_name) / safe(sae_id)
 
 
 def eval_roots() -> list[Path]:
     """Where :func:`list_runs` looks by default: the cache's ``eval/`` (where ``eval`` writes unless given
-    ``--out``) and the results shipped under ``assets/eval/results/`` (:data:`RESULTS_DIR`)."""
-    from .models import cache_root
-
-    return [cache_root() / "eval", RESULTS_DIR]
+    ``--out``) and the results shipped under ``assets/eval/results/`` (``paths.EVAL_RESULTS``)."""
+    return [eval_cache(), paths.EVAL_RESULTS]
 
 
 def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:

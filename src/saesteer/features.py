@@ -8,11 +8,8 @@ and loads it as parquet + npz (no pickle). Precomputed data for the bundled SAEs
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +31,9 @@ from .activations import (
     limit_tokens,
 )
 from .config import EMBEDDED_MODEL, ScoreParams
-from .models import LoadedModel, cache_root
-from .saes import ASSETS, LoadedSae
+from .models import LoadedModel
+from .paths import bundled_feature_dir
+from .saes import LoadedSae
 from .scores import (
     DETAIL_RANK_CAP,
     INPUT_MAX_CONTEXTS,
@@ -48,7 +46,6 @@ from .scores import (
     token_strings,
 )
 
-FEATURES_ROOT = ASSETS / "features"
 #: Corpus tokens of the activation pass when the caller does not say.
 DEFAULT_TOKENS = 200_000
 #: Features per saved chunk of output scores (the unit of resumption).
@@ -352,33 +349,9 @@ def take_sequences(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos
     return list(limit_tokens(sequences, n_tokens, bos))
 
 
-def _slug(text: str) -> str:
-    clean = re.sub(r"[^\w.-]+", "_", text).strip("_")[:60]
-    return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def saved_dir(model_name: str, sae_id: str, sae_fp: str) -> Path:
-    """Where computed feature data of an SAE is saved for the app (``<cache>/app-features/<model>/<sae>-<weights
-    fingerprint>``): the app's background job and ``scores --layers/--release`` write here, the app reads here."""
-    return cache_root() / "app-features" / _slug(model_name) / f"{_slug(sae_id)}-{sae_fp}"
-
-
-def latest_saved(model_name: str, sae_id: str) -> Path | None:
-    """The most recently written saved feature data of ``sae_id`` (any weights fingerprint), or None: for views
-    that list many SAEs without loading each one's weights (e.g. the Layers overview)."""
-    base = cache_root() / "app-features" / _slug(model_name)
-    found = [(p.stat().st_mtime, p.parent) for p in base.glob(f"{glob.escape(_slug(sae_id))}-*/meta.json")
-             if not p.parent.name.endswith("-subset")]
-    return max(found)[1] if found else None
-
-
-def bundled_dir(sae_id: str, model_name: str = EMBEDDED_MODEL) -> Path:
-    return FEATURES_ROOT / model_name / sae_id
-
-
 def load_bundled(sae_id: str, model_name: str = EMBEDDED_MODEL) -> FeatureData | None:
     """Precomputed data shipped for a bundled SAE, or None when there is none (or it is damaged)."""
-    d = bundled_dir(sae_id, model_name)
+    d = bundled_feature_dir(model_name, sae_id)
     if not (d / "meta.json").exists():
         return None
     try:

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import ScoreParams
+from ..config import ClusterParams, ScoreParams
 from . import (
     USER_ERRORS,
     add_model_args,
@@ -17,7 +17,13 @@ from . import (
     precheck_sae,
     sae_spec_from_args,
 )
+from .flags import Flag, add_flags, build, integer, number
 
+#: The ScoreParams fields the command line sets.
+FLAGS = (Flag("batch_size", integer()), Flag("amp", number()))
+#: The ClusterParams fields the command line sets (with --ray).
+RAY_FLAGS = (Flag("num_cpus", integer(1), flag="--ray-cpus"), Flag("max_retries", integer(0), flag="--ray-retries"),
+             Flag("shard_sequences", integer(1), flag="--ray-shard-sequences"), Flag("group_width", integer(1), flag="--ray-group-width"))
 ONLY = ("all", "output", "input")
 SHOWN = 20
 
@@ -36,16 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="bundled", help="'bundled' (offline corpus, train split) or text files (.txt/.jsonl/.parquet, comma-separated)")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens for the activation pass (default 200000)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
-    p.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features scored per forward for the output score")
-    p.add_argument("--amp", type=float, default=10.0, help="output-score amplification (paper: 10)")
+    add_flags(p, ScoreParams, FLAGS)
     many = p.add_argument_group("many SAEs at once (each saved where the app reads it)")
     many.add_argument("--layers", default=None, help="bundled SAEs at these layers, e.g. 2,5,8 or 0-17; with --release, that release's SAEs at these layers")
     many.add_argument("--release", default=None, help="a sae-lens release, e.g. gemma-scope-2-270m-pt-res-all (with --ids and/or --layers)")
     many.add_argument("--ids", default=None, metavar="PATTERN", help="SAE ids of --release matching this shell pattern, e.g. 'layer_*_width_16k_*'")
     many.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                       help="run on a Ray cluster: no ADDRESS starts a local one on this machine; else HOST:PORT of `ray start --head`, ray://HOST:PORT or auto")
-    many.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all of this machine's)")
-    many.add_argument("--ray-retries", type=int, default=3, help="times a task whose worker died is rerun (a rerun of the command resumes anyway)")
+    add_flags(many, ClusterParams, RAY_FLAGS)
 
 
 def parse_features(text: str) -> list[int]:
@@ -75,7 +79,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--out {args.out}: use a .csv or .parquet file name")
         if not out.parent.exists():
             raise ConfigError(f"--out {args.out}: directory {out.parent} does not exist")
-    ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    build(ScoreParams, args, FLAGS)
 
 
 class _Bars:
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         return fail(str(exc))
 
-    params = ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    params = build(ScoreParams, args, FLAGS)
     data = None
     if args.only == "all" and args.corpus == "bundled" and args.tokens is None and not args.no_cache:
         data = matching_bundled(lm, sae, params)  # shipped with the package: no corpus pass needed
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             data = data.subset(features)
     sequences = None
     if args.only != "output" and data is None:
-        from ..bundle import pack_sequences
+        from ..corpus import pack_sequences
 
         try:
             docs = open_source(args.corpus, split="train")

@@ -1,6 +1,6 @@
 """``scores --layers … / --release R --ids PATTERN [--ray [ADDRESS]]``: many SAEs in one job, locally (one shared
 activation pass) or on a Ray cluster (:mod:`saesteer.distributed`); each SAE's feature data is saved where the
-app reads it (:func:`saesteer.features.saved_dir`), so its pages show them without recomputing."""
+app reads it (:func:`saesteer.paths.app_feature_dir`), so its pages show them without recomputing."""
 
 from __future__ import annotations
 
@@ -26,24 +26,25 @@ def _refuse_single_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--features applies to one SAE (--layer/--sae); with --layers/--release every feature is scored")
     if args.layer is not None or args.sae:
         raise ConfigError("give either --layer/--sae (one SAE) or --layers/--release (many), not both")
-    if args.ray_cpus is not None and args.ray_cpus < 1:
-        raise ConfigError(f"--ray-cpus must be at least 1, got {args.ray_cpus}")
-    if args.ray_retries < 0:
-        raise ConfigError(f"--ray-retries must be >= 0, got {args.ray_retries}")
+    from .scores import RAY_FLAGS
+
     if args.no_cache and args.ray:
         raise ConfigError("--ray writes its results into the feature cache chunk by chunk (that is how it resumes): drop --no-cache")
-    if (args.ray_cpus is not None or args.ray_retries != 3) and not args.ray:
-        raise ConfigError("--ray-cpus and --ray-retries need --ray")
+    given = [f.name for f in RAY_FLAGS if getattr(args, f.field, None) is not None]
+    if given and not args.ray:
+        raise ConfigError(f"{', '.join(given)} need --ray")
 
 
 def run_many(args: argparse.Namespace) -> int:
     from ..config import ScoreParams
     from ..corpus import CorpusError, open_source
-    from ..features import DEFAULT_TOKENS, FeatureDataError, compute_many, saved_dir
+    from ..features import DEFAULT_TOKENS, FeatureDataError, compute_many
+    from ..paths import app_feature_dir
     from ..memory import HINT, OutOfMemory, is_out_of_memory
     from ..saes import precheck, select
     from ..store import Store, sae_fingerprint
-    from .scores import _Bars, _check_args
+    from .flags import build
+    from .scores import FLAGS, RAY_FLAGS, _Bars, _check_args
 
     try:
         _check_args(args)
@@ -61,7 +62,7 @@ def run_many(args: argparse.Namespace) -> int:
         from ..distributed import ClusterParams, RayUnavailable, connect
 
         try:  # connect first: a wrong address or a missing Ray fails before the model loads
-            cluster = ClusterParams(address=None if args.ray == "local" else args.ray, num_cpus=args.ray_cpus, max_retries=args.ray_retries)
+            cluster = build(ClusterParams, args, RAY_FLAGS, address=None if args.ray == "local" else args.ray)
             connect(cluster)
         except (RayUnavailable, *USER_ERRORS) as exc:
             return fail(str(exc))
@@ -76,10 +77,10 @@ def run_many(args: argparse.Namespace) -> int:
         return fail(str(exc))
     print(f"{len(saes)} SAE(s), {sum(s.width for s in saes):,} features: {', '.join(s.id for s in saes)}", file=sys.stderr)
 
-    params = ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    params = build(ScoreParams, args, FLAGS)
     sequences = None
     if args.only != "output":
-        from ..bundle import pack_sequences
+        from ..corpus import pack_sequences
 
         try:
             docs = open_source(args.corpus, split="train")
@@ -122,7 +123,7 @@ def run_many(args: argparse.Namespace) -> int:
         where = None
         if not args.no_cache:
             try:
-                where = data.save(saved_dir(lm.name, sae.id, sae_fingerprint(sae)))
+                where = data.save(app_feature_dir(lm.name, sae.id, sae_fingerprint(sae)))
             except OSError as exc:
                 print(f"warning: could not save '{sae.id}' for the app ({exc})", file=sys.stderr)
         t = data.table
