@@ -123,7 +123,9 @@ def connect(cluster: ClusterParams):
     if cluster.address is None:
         import torch
 
-        kwargs.update(num_cpus=cluster.num_cpus or os.cpu_count() or 1, num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        # address="local": always a new cluster of this process, never one that `ray start` left running here
+        kwargs.update(address="local", num_cpus=cluster.num_cpus or os.cpu_count() or 1,
+                      num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
     else:
         kwargs["address"] = cluster.address
     try:
