@@ -128,11 +128,16 @@ def connect(cluster: ClusterParams):
                       num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
     else:
         kwargs["address"] = cluster.address
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = cluster.address or "a local cluster"
-        raise RayUnavailable(f"cannot start or reach Ray at {where}: {exc.__class__.__name__}: {exc}") from None
+    attempts = 2 if cluster.address is None else 1  # Ray gives a starting node 30 s; a loaded machine can miss that once
+    for attempt in range(attempts):
+        try:
+            ray.init(**kwargs)
+            return ray
+        except Exception as exc:  # noqa: BLE001 - Ray raises bare Exception for a node that did not start in time
+            ray.shutdown()
+            if attempt + 1 == attempts:
+                where = cluster.address or "a local cluster"
+                raise RayUnavailable(f"cannot start or reach Ray at {where}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
     return ray
 
 
