@@ -516,3 +516,27 @@ def headline(summary: dict, threshold: float = 0.01) -> str:
     return (f"The feature-level claim {verdict} on this run: features with output score >= {threshold:g} reach mean success@20 "
             f"{t['mean_above']:.2f} (n={int(t['n_above'])}) against {t['mean_below']:.2f} (n={int(t['n_below'])}) below; "
             f"Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reader API of the shipped results (used by other parts of the app, e.g. presets and default strengths)
+
+
+def shipped_dir(sae_id: str, model_name: str | None = None) -> Path:
+    """Where the feature-level results of a bundled SAE are shipped: ``assets/eval/results/<model>/<sae id>/features``."""
+    from ..config import EMBEDDED_MODEL
+
+    return layout.RESULTS_DIR / (model_name or EMBEDDED_MODEL) / sae_id / layout.FEATURES_SUBDIR
+
+
+def load_shipped(sae_id: str, model_name: str | None = None) -> FeatureRun | None:
+    """The shipped feature-level run of ``sae_id`` (finished or partial), or None when none is shipped."""
+    d = shipped_dir(sae_id, model_name)
+    if not (d / "meta.json").exists():
+        return None
+    return load_feature_run(d)
+
+
+def best_amp_of(run: FeatureRun) -> dict[int, float]:
+    """Feature -> its best paper-mode amp in ``run`` (only the features the run steered)."""
+    return {int(f): float(a) for f, a in zip(run.features["feature"], run.features["best_amp"])}
