@@ -17,6 +17,7 @@ from saesteer.evaluation.feature_level import (
     FeatureLevelParams,
     FeatureLevelRun,
     best_amps,
+    continuation_text,
     feature_summary,
     headline,
     load_feature_run,
@@ -150,7 +151,7 @@ def test_batched_runner_equals_one_feature_at_a_time(tiny_features, tiny_lm, tin
         alone = sample_until_stop(tiny_lm, [PREFIXES[r.prefix_idx]], sae=tiny_sae, features=[int(r.feature)], strengths=torch.tensor([[r.amp]]),
                                   seeds=[row_seed(TINY.seed, int(r.feature), r.amp, r.prefix_idx)], temperature=TINY.temperature,
                                   max_new_tokens=TINY.max_new_tokens, stop_ids=stops)[0]
-        assert r.text == tiny_lm.tokenizer.decode(alone, skip_special_tokens=True)
+        assert r.text == continuation_text(tiny_lm.tokenizer, PREFIXES[r.prefix_idx], alone)
         top = bank.top_ids[bank.row(int(r.feature))]
         s = success_counts(retokenize(tiny_lm.tokenizer, r.text), top)
         assert (r.success_1, r.success_5, r.success_20) == (s[1], s[5], s[20])
@@ -229,3 +230,20 @@ def test_best_amp_ties_go_to_the_smaller_amp():
                       "fluency": [np.nan, np.nan, 0.5, 0.5, 0.8, np.nan, 0.8, np.nan]})
     assert best_amps(f) == {1: 4.0, 2: 0.2}
     assert best_amps(f, "success") == {1: 4.0, 2: 0.2}
+
+
+def test_cli_rejects_bad_arguments_before_loading_the_model(capsys):
+    from saesteer.__main__ import main
+
+    for argv, message in (
+        (["--n", "0"], "--n must be at least 1"),
+        (["--prefixes", "51"], "n_prefixes must be at most 50"),
+        (["--amps", "1", "x"], "--amps must be numbers"),
+        (["--temperature", "hot"], "--temperature must be a number"),
+        (["--feature-ids", "1,a"], "--feature-ids must be comma-separated integers"),
+    ):
+        assert main(["eval", "features", "--layer", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert main(["eval", "features", "--layer", "99"]) == 2  # no bundled SAE there: refused before the model loads
+    assert capsys.readouterr().err.startswith("error: ")

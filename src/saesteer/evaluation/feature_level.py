@@ -150,6 +150,14 @@ def success_counts(token_ids: Sequence[int], top_ids: Sequence[int], ks: Sequenc
     return out
 
 
+def continuation_text(tokenizer, prefix: str, new_ids: Sequence[int]) -> str:
+    """The text of ``new_ids`` generated after ``prefix``: decode(prefix ids + new ids) minus decode(prefix ids)."""
+    pre = list(tokenizer(prefix).input_ids)
+    head = tokenizer.decode(pre, skip_special_tokens=True)
+    full = tokenizer.decode(pre + list(new_ids), skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids), skip_special_tokens=True)
+
+
 def retokenize(tokenizer, text: str) -> list[int]:
     """The paper's re-tokenisation of a continuation: its ids without BOS (no special tokens added)."""
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
@@ -224,7 +232,10 @@ class FeatureLevelRun:
         return out
 
     def _texts(self, rows: Sequence[_Row], ids: Sequence[Sequence[int]]) -> list[str]:
-        return [self.lm.tokenizer.decode(list(t), skip_special_tokens=True) for t in ids]
+        """Each continuation as the paper has it: the decoded prefix + continuation with the prefix's text cut
+        off, so that the leading space survives (a tokenizer may drop it when a continuation is decoded alone,
+        and the re-tokenised first token would then be another id)."""
+        return [continuation_text(self.lm.tokenizer, self.prefixes[r.prefix_idx], list(t)) for r, t in zip(rows, ids)]
 
     # -- the unsteered reference ------------------------------------------------------------------
 
@@ -477,7 +488,10 @@ def joint_table(table: pd.DataFrame) -> pd.DataFrame:
     ib = pd.cut(table["input_score"].astype(float), [-np.inf, 0, 0.1, 0.5, np.inf], labels=["0", "(0, 0.1]", "(0.1, 0.5]", "> 0.5"])
     ob = pd.cut(table["output_score"].astype(float), [-np.inf, 1e-3, 0.01, 0.1, np.inf], right=False,
                 labels=["< 1e-3", "[1e-3, 0.01)", "[0.01, 0.1)", ">= 0.1"])
-    return pd.crosstab(ib.rename("input score"), ob.rename("output score"), dropna=False)
+    t = pd.crosstab(ib.rename("input score"), ob.rename("output score"), dropna=False)
+    t.index = pd.Index([str(i) for i in t.index], name="input score")  # plain labels: tables of categoricals do not serialise
+    t.columns = pd.Index([str(c) for c in t.columns], name="output score")
+    return t
 
 
 def feature_summary(table: pd.DataFrame) -> dict:

@@ -52,7 +52,9 @@ def render_feature_level() -> None:
     st.caption(f"{done} of {planned} features finished{'' if run.finished else ' (partial: resume with `--resume`)'}; "
                f"{p.get('n_prefixes')} prefixes, amps {p.get('amps')}, temperature {p.get('temperature')}, "
                f"{p.get('max_new_tokens')} new tokens, stop at {p.get('stop')!r}; best amp by {p.get('select')}.")
-    if done < 3:
+    if done < 3 or "thresholds_output" not in summary:
+        if done >= 3:
+            st.warning("This run has no feature scores next to it (feature_scores.csv): its statistics cannot be shown.")
         return
     st.dataframe(pd.DataFrame({
         "score": ["output score", "input score"],
