@@ -52,6 +52,8 @@ OUTPUT_THRESHOLDS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1,
 #: Input-score thresholds shown beside them (input scores are shares in [0, 1]).
 INPUT_THRESHOLDS = (1e-10, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 KS = (1, 5, 20)
+#: The headline states a verdict only with at least this many features on each side of the threshold.
+MIN_SIDE = 5
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
 
@@ -525,6 +527,10 @@ def headline(summary: dict, threshold: float = 0.01) -> str:
     rho_in = summary["rho_input_score_success_20"]
     if not (t["n_above"] and t["n_below"]):
         return f"All {summary['n_features']} features fall on one side of output score {threshold:g}: the threshold claim cannot be tested here."
+    if min(t["n_above"], t["n_below"]) < MIN_SIDE:
+        return (f"Too few features to test the claim: {int(t['n_above'])} at or above output score {threshold:g} and "
+                f"{int(t['n_below'])} below (at least {MIN_SIDE} on each side are needed); mean success@20 {t['mean_above']:.2f} vs "
+                f"{t['mean_below']:.2f}; Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
     holds = t["mean_above"] > t["mean_below"] and (rho > 0 if math.isfinite(rho) else False)
     verdict = "holds" if holds else "does not hold"
     return (f"The feature-level claim {verdict} on this run: features with output score >= {threshold:g} reach mean success@20 "
