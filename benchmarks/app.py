@@ -75,8 +75,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from saesteer.config import SaeSpec
-    from saesteer.features import FeatureData, bundled_dir, compute_many
+    from saesteer.features import FeatureData, compute_many
     from saesteer.models import load_model
+    from saesteer.paths import bundled_feature_dir
     from saesteer.saes import list_bundled, load_sae
 
     t0 = time.perf_counter()
@@ -92,13 +93,13 @@ def main() -> int:
     # --- feature scores load time --------------------------------------------------------------------
     from saesteer.ui.loaders import cache_feature_dir
 
-    data_dir = bundled_dir(sae.id)
+    data_dir = bundled_feature_dir(lm.name, sae.id)
     if not (data_dir / "meta.json").exists():
         data_dir = cache_feature_dir(lm.name, sae)
         if (data_dir / "meta.json").exists():
             print(f"no bundled feature data for {sae.id}: using the app's cached data in {data_dir}")
         else:
-            from saesteer.bundle import pack_sequences
+            from saesteer.corpus import pack_sequences
             from saesteer.corpus import iter_bundled
 
             print(f"no bundled feature data for {sae.id}: computing it over {args.corpus_tokens:,} corpus tokens into {data_dir} (not timed)…")

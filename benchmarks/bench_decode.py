@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 FEATURE, STRENGTH = 7, 8.0
 
 
 def random_sae(d_in: int, width: int, layer: int):
-    from conftest import make_tiny_sae
+    from saesteer.testing import make_tiny_sae
 
     return make_tiny_sae(d_in=d_in, d_sae=width, layer=layer, k=64)
 
@@ -120,7 +116,7 @@ def head_agreement(lm, n_seqs: int = 16) -> None:
 
     import torch.nn.functional as F
 
-    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
     from saesteer.fasthead import available, screened_head
     from saesteer.steering import fast_model

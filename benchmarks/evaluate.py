@@ -29,15 +29,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def load(layer: int):
@@ -49,7 +45,7 @@ def load(layer: int):
     try:
         return lm, load_sae(SaeSpec(layer=layer), lm), "bundled"
     except SaeLoadError:
-        from conftest import make_tiny_sae
+        from saesteer.testing import make_tiny_sae
 
         return lm, make_tiny_sae(d_in=lm.d_model, d_sae=4096, layer=layer, k=64), "RANDOM (untrained, prices the code path only)"
 
@@ -168,7 +164,7 @@ def real_run(lm, sae, kind: str, n: int) -> None:
 def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     from saesteer import features as F
     from saesteer.baselines import LoraParams
-    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
     from saesteer.evaluation import (
         EvalParams,

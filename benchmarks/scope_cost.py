@@ -22,8 +22,7 @@ from itertools import islice
 
 import torch
 
-from saesteer.bundle import pack_sequences
-from saesteer.corpus import iter_bundled
+from saesteer.corpus import iter_bundled, pack_sequences
 from saesteer.gemmascope import WIDTHS
 from saesteer.models import load_model
 from saesteer.saes import LoadedSae

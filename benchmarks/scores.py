@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from saesteer.activations import activation_pass
-from saesteer.bundle import pack_sequences
 from saesteer.config import SaeSpec, ScoreParams
-from saesteer.corpus import iter_bundled
+from saesteer.corpus import iter_bundled, pack_sequences
 from saesteer.features import FeatureData, build_feature_data
 from saesteer.models import load_model
 from saesteer.saes import LoadedSae, list_bundled, load_sae

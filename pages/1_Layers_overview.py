@@ -1,5 +1,5 @@
-from saesteer.ui import overview
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import layers
 
 with page() as ctx:
-    overview.render(ctx)
+    layers.render(ctx)

@@ -1,5 +1,5 @@
-from saesteer.ui import ranking
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import features
 
 with page() as ctx:
-    ranking.render(ctx)
+    features.render(ctx)

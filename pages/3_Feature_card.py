@@ -1,5 +1,5 @@
-from saesteer.ui import card
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import card
 
 with page() as ctx:
     card.render(ctx)

@@ -1,5 +1,5 @@
-from saesteer.ui import concepts
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import concepts
 
 with page() as ctx:
     concepts.render(ctx)

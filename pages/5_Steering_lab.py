@@ -1,5 +1,5 @@
-from saesteer.ui import lab
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import lab
 
 with page() as ctx:
     lab.render(ctx)

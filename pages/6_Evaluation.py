@@ -1,5 +1,5 @@
-from saesteer.ui import evaluation
-from saesteer.ui.context import page
+from saesteer.ui.frame import page
+from saesteer.ui.pages import evaluation
 
 with page() as ctx:
     evaluation.render(ctx)

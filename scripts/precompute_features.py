@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from saesteer.bundle import pack_sequences  # noqa: E402
 from saesteer.config import SaeSpec  # noqa: E402
-from saesteer.corpus import iter_bundled  # noqa: E402
-from saesteer.features import bundled_dir, compute_many, trim_contexts  # noqa: E402
+from saesteer.corpus import iter_bundled, pack_sequences  # noqa: E402
+from saesteer.features import compute_many, trim_contexts  # noqa: E402
 from saesteer.models import load_model  # noqa: E402
+from saesteer.paths import bundled_feature_dir  # noqa: E402
 from saesteer.saes import list_bundled, load_sae  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     seqs = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
     data = compute_many(lm, saes, seqs, n_tokens=args.tokens, progress=progress, corpus_name="bundled:train", use_bundled=False)
     for sae, fd in zip(saes, data):
-        out = bundled_dir(sae.id, lm.name)
+        out = bundled_feature_dir(lm.name, sae.id)
         trim_contexts(fd, args.keep, args.window).save(out)
         size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
         print(f"{sae.id}: {out} ({size:.1f} MB)", flush=True)

@@ -43,7 +43,8 @@ from saesteer.config import TrainParams  # noqa: E402
 from saesteer.corpus import corpus_hash, iter_bundled  # noqa: E402
 from saesteer.diagnostics import diagnose  # noqa: E402
 from saesteer.models import load_model  # noqa: E402
-from saesteer.saes import BUNDLED_ROOT, LoadedSae  # noqa: E402
+from saesteer.paths import BUNDLED_SAES, bundled_feature_dir  # noqa: E402
+from saesteer.saes import LoadedSae  # noqa: E402
 
 LAYERS = (2, 5, 8, 11, 14, 17)
 STAGES = ("collect", "train", "measure", "features")
@@ -63,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", type=Path, required=True, help="the previous bundle's SAE folder (one sub-folder per SAE id)")
     ap.add_argument("--work", type=Path, default=Path("work/rebuild"), help="shards, checkpoints, trained SAEs (resumable)")
-    ap.add_argument("--out", type=Path, default=BUNDLED_ROOT / "gemma-3-270m", help="where the SAEs and manifest are installed")
+    ap.add_argument("--out", type=Path, default=BUNDLED_SAES / "gemma-3-270m", help="where the SAEs and manifest are installed")
     ap.add_argument("--tokens", type=int, default=690_880, help="training tokens collected (all feed the input-score pass; 170 shards)")
     ap.add_argument("--heldout-tokens", type=int, default=140_000)
     ap.add_argument("--epochs", type=float, default=2.5)
@@ -175,7 +176,7 @@ def main() -> None:
 
         from saesteer.activations import iter_residual_shards
         from saesteer.config import SaeSpec
-        from saesteer.features import bundled_dir, compute_many, trim_contexts
+        from saesteer.features import compute_many, trim_contexts
         from saesteer.saes import list_bundled, load_sae
 
         t0 = time.time()
@@ -192,7 +193,7 @@ def main() -> None:
         data = compute_many(lm, saes, rows, n_tokens=None, progress=progress, corpus_name="bundled:train", use_bundled=False,
                             residuals=lambda: iter_residual_shards(work / "acts_train", sorted({s.layer for s in saes})))
         for sae, fd in zip(saes, data):
-            out = bundled_dir(sae.id, lm.name)
+            out = bundled_feature_dir(lm.name, sae.id)
             if out.exists():
                 shutil.rmtree(out)
             trim_contexts(fd, args.keep, args.window).save(out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_sae
 
 from saesteer.activations import (
     HIST_EDGES,
@@ -17,6 +16,7 @@ from saesteer.activations import (
     iter_residual_shards,
 )
 from saesteer.steering import capture_residuals
+from saesteer.testing import make_tiny_sae
 
 TOP_N, WINDOW, AFTER = 5, 6, 2
 

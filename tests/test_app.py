@@ -1,6 +1,6 @@
 """The Streamlit app, driven with AppTest on the tiny test fixture, and the pure helpers of saesteer.ui.
 
-``SAESTEER_TEST_FIXTURE=tiny`` makes the loaders return the tiny random model and SAEs of conftest.py; the
+``SAESTEER_TEST_FIXTURE=tiny`` makes the app's sources the tiny random model and SAEs of saesteer.testing; the
 feature data is computed on them. Nothing here is a trained model: the tests check the app's behaviour.
 """
 
@@ -321,9 +321,9 @@ def test_paging_and_search_filter_the_tables(fixture_env):
     token = at.dataframe[1].value["top_tokens"].iloc[0].split(" | ")[0].strip()
     at.text_input(key="fs_search").input(token).run()
     no_exception(at)
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
-    expected = tables.filter_features(loaders._tiny_feature_data(1).table, search=token)
+    expected = tables.filter_features(sources.tiny_feature_data(1).table, search=token)
     page = at.number_input(key="fs_page").value
     assert page == min(2, tables.n_pages(len(expected), 25))  # clamped when fewer pages are left
     want = tables.page_of(tables.ranked(expected, "output_score"), page, 25)["feature"].tolist()
@@ -351,7 +351,7 @@ def test_steer_button_preselects_the_feature_in_the_lab(fixture_env):
 def test_lab_streams_the_same_text_as_generate(fixture_env):
     from saesteer.config import SteerParams
     from saesteer.steering import generate, generate_pair
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
     at = app(layer="2", feature="11", strength="8").run()
     at.switch_page("pages/5_Steering_lab.py").run()
@@ -359,7 +359,7 @@ def test_lab_streams_the_same_text_as_generate(fixture_env):
     at.button(key="lab_go").click().run()
     no_exception(at)
     last = at.session_state["lab_last"]
-    parts = loaders._tiny_parts()
+    parts = sources.tiny_parts()
     lm, sae = parts["lm"], parts["saes"][2]
     fast = at.checkbox(key="lab_fast").value
     # Both columns come from one 2-row decode: what generate_pair returns for the same settings.
@@ -375,7 +375,7 @@ def test_lab_streams_the_same_text_as_generate(fixture_env):
 
 def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
     from saesteer.steering import generate
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
     at = app(layer="1", feature="3").run()
     at.switch_page("pages/5_Steering_lab.py").run()
@@ -385,7 +385,7 @@ def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
     result = at.session_state["lab_sweep_result"]
     assert result["strength"].tolist() == [0.0, 2.0, 20.0]
     assert (result["perplexity"] > 0).all() and (result["concept_hits"] >= 0).all()
-    lm = loaders._tiny_parts()["lm"]
+    lm = sources.tiny_parts()["lm"]
     assert result["text"].iloc[0] == generate(lm, at.text_area(key="lab_prompt").value, max_new_tokens=32)[0]
 
 
@@ -458,8 +458,7 @@ def test_unreachable_hub_model_is_an_error_not_a_crash(real_mode):
 
 
 def test_sae_load_errors_are_errors_not_crashes(real_mode, monkeypatch, tiny_lm, tmp_path):
-    from conftest import make_tiny_sae
-
+    from saesteer.testing import make_tiny_sae
     from saesteer.ui import loaders
 
     monkeypatch.setattr(loaders, "load_model", lambda spec: tiny_lm)
@@ -500,7 +499,7 @@ def test_feature_scores_are_computed_in_the_background_and_cached(real_mode, mon
     leave), writes to the on-disk cache, and the next run loads the result from there."""
     import time
 
-    from conftest import make_tiny_sae
+    from saesteer.testing import make_tiny_sae
 
     from saesteer.ui import loaders
 
@@ -539,7 +538,7 @@ def test_lab_on_the_embedded_model(real_mode, tmp_path, monkeypatch):
     """The real Gemma 3 270M through the app's own loaders: the lab streams a short steered continuation.
     With no bundled SAE installed, a random sae-lens TopK SAE (d_in 640, random weights, not trained) is
     loaded from a local directory instead."""
-    from conftest import make_tiny_sae
+    from saesteer.testing import make_tiny_sae
 
     from saesteer.saes import list_bundled
     from saesteer.steering import generate

@@ -14,7 +14,7 @@ import pytest
 from test_app import XSS, app, no_exception, texts
 from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 
-from saesteer import evaluation as evaluate
+from saesteer import evaluation as evaluate, paths
 from saesteer.evaluation import EvalResults, run_evaluation, run_progress
 from saesteer.ui import evaltables
 
@@ -37,7 +37,7 @@ def cache(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("SAESTEER_TEST_FIXTURE", "tiny")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(evaluate.layout, "RESULTS_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(paths, "EVAL_RESULTS", tmp_path / "shipped")
     return tmp_path / "cache"
 
 

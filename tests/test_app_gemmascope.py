@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, write_scope_cache
 from test_app import PAGES, app, no_exception, texts
 
 from saesteer import subsets
+from saesteer.testing import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, write_scope_cache
 from saesteer.ui import loaders, score_plan
 
 REF = f"{SCOPE_RELEASE}:{SCOPE_ID}"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from saesteer.paths import FIXTURE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -45,7 +47,8 @@ def server():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser test")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright==1.65.2")
     port = _free_port()
-    env = {**os.environ, "SAESTEER_TEST_FIXTURE": "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    # PYTHONPATH: the server runs this checkout's code, not whatever saesteer is installed.
+    env = {**os.environ, FIXTURE_ENV: "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "PYTHONPATH": str(ROOT / "src")}
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit.log", "w")
     proc = subprocess.Popen(

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_tiny_model
 
 from saesteer.bundle import build_bundle, reconstruction_metrics, tokenize_corpus
 from saesteer.config import TrainParams
 from saesteer.corpus import Doc
 from saesteer.saes import list_bundled
+from saesteer.testing import WORDS, make_tiny_model
 
 
 def _docs(n: int, seed: int = 0) -> list[Doc]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_sae
 
-from saesteer import models, saes
+from saesteer import models, paths, saes
 from saesteer.__main__ import main
 from saesteer.config import EMBEDDED_MODEL, SaeSpec
 from saesteer.hookpoints import tl_hook_name
 from saesteer.steering import generate
+from saesteer.testing import make_tiny_sae
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def env(tiny_lm, tmp_path, monkeypatch):
     make_tiny_sae(layer=2).sae.save_model(model_dir / "L2")
     entry = {"id": "tiny-L2", "layer": 2, "width": 128, "hook": tl_hook_name(2), "dir": "L2", "metrics": {}}
     (model_dir / "manifest.json").write_text(json.dumps({"saes": [entry]}))
-    monkeypatch.setattr(saes, "BUNDLED_ROOT", root)
+    monkeypatch.setattr(paths, "BUNDLED_SAES", root)
     calls = []
     monkeypatch.setattr(models, "load_model", lambda spec=None: calls.append(spec) or tiny_lm)
     return {"root": root, "calls": calls, "lm": tiny_lm}
@@ -72,7 +72,7 @@ def test_info_other_model_lists_no_bundled_saes(env, capsys, model):
 
 
 def test_info_without_bundled_saes(env, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(saes, "BUNDLED_ROOT", tmp_path / "empty")
+    monkeypatch.setattr(paths, "BUNDLED_SAES", tmp_path / "empty")
     assert main(["info"]) == 0
     assert "none bundled" in capsys.readouterr().out
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_sae
 
 from saesteer.diagnostics import diagnose, from_dict, prompt_strength
 from saesteer.steering import capture_residuals
+from saesteer.testing import make_tiny_sae
 
 
 def _planted():

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from saesteer.baselines import (
     LoraParams,
@@ -53,6 +52,7 @@ from saesteer.judge import (
     parse_rating,
 )
 from saesteer.steering import capture_residuals, generate
+from saesteer.testing import make_tiny_model
 
 PREFIXES = ["findings show that", "i once heard that", "i think about", "the city was", "my friend said", "in the night"]
 DOCS = [  # sentences of 30-300 characters count; the short one ("the apple was red.") does not
@@ -506,20 +506,20 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
 def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from saesteer import evaluation as evaluate
+    from saesteer import evaluation as evaluate, paths
 
     res, _, out, _ = tiny_run
     assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}
     assert res.meta["finished"] and evaluate.run_progress(res, out) == evaluate.RunProgress(True, 2, 0, 1, 2, TINY.methods)
-    assert evaluate.RESULTS_DIR in evaluate.eval_roots() and evaluate.RESULTS_DIR == evaluate.ASSETS_EVAL / "results"
+    assert paths.EVAL_RESULTS in evaluate.eval_roots() and paths.EVAL_RESULTS == paths.EVAL_ASSETS / "results"
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(evaluate.layout, "RESULTS_DIR", tmp_path / "assets" / "eval" / "results")
+    monkeypatch.setattr(paths, "EVAL_RESULTS", tmp_path / "assets" / "eval" / "results")
     cached = evaluate.default_out_dir("tiny-gemma3", "tiny-topk-L2")
-    shipped = evaluate.layout.RESULTS_DIR / "gemma-3-270m" / "L8-topk64-w4096"  # results committed for the embedded model
+    shipped = paths.EVAL_RESULTS / "gemma-3-270m" / "L8-topk64-w4096"  # results committed for the embedded model
     for d in (cached, shipped):
         shutil.copytree(out, d)
-    (evaluate.layout.RESULTS_DIR / "notes").mkdir()
-    (evaluate.layout.RESULTS_DIR / "notes" / "meta.json").write_text("{}")  # no units/: not a run
+    (paths.EVAL_RESULTS / "notes").mkdir()
+    (paths.EVAL_RESULTS / "notes" / "meta.json").write_text("{}")  # no units/: not a run
     assert list_runs() == sorted([cached, shipped])
     assert cached.is_relative_to(tmp_path / "cache" / "eval")
     pd.testing.assert_frame_equal(load_results(shipped).generations, res.generations)

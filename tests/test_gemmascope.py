@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, make_tiny_sae, write_scope_cache
 
 from saesteer import gemmascope, neuronpedia, subsets
 from saesteer.activations import activation_pass
 from saesteer.config import EMBEDDED_MODEL, SaeSpec
 from saesteer.features import compute_many
 from saesteer.saes import SaeLoadError, load_sae
+from saesteer.testing import SCOPE_ID, SCOPE_RELEASE, make_tiny_model, make_tiny_sae, write_scope_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ def test_cli_scores_a_subset_of_a_gemma_scope_sae_offline(scope_hub, no_network,
     table = pd.read_csv(out)
     assert table["feature"].tolist() == [1, 5, 6, 7]
     sae = load_sae(SaeSpec(source="release", release=SCOPE_RELEASE, sae_id=SCOPE_ID), deep_lm)
-    from saesteer.bundle import pack_sequences
+    from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
 
     full = compute_many(deep_lm, [sae], pack_sequences(deep_lm.tokenizer, iter_bundled("train"), 128), n_tokens=3000, cache=False)[0].subset([1, 5, 6, 7])

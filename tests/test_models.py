@@ -5,10 +5,10 @@ from __future__ import annotations
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from saesteer.config import EMBEDDED_MODEL, ConfigError, ModelSpec
 from saesteer.models import ModelLoadError, load_model
+from saesteer.testing import make_tiny_model
 
 
 def test_model_spec_validation():
@@ -63,7 +63,7 @@ def test_unembed_matches_the_models_own_logits(softcap):
 
 @pytest.mark.slow
 def test_embedded_model_loads_and_steers(embedded_lm):
-    from conftest import make_tiny_sae
+    from saesteer.testing import make_tiny_sae
 
     from saesteer import saes
     from saesteer.config import SaeSpec

@@ -43,15 +43,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import WORDS, make_tiny_sae
 from test_app import XSS, app, no_exception
 
 from saesteer import features as features_mod
 from saesteer.config import ModelSpec, SaeSpec, ScoreParams, SteerParams
 from saesteer.models import ModelLoadError, load_model
+from saesteer.paths import CACHE_ENV
 from saesteer.saes import load_sae
 from saesteer.scores import output_scores
 from saesteer.steering import generate, generate_pair, stream
+from saesteer.testing import WORDS, make_tiny_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
@@ -120,7 +121,7 @@ def test_concurrent_sessions_get_their_solo_results_and_leave_no_hooks(tiny_lm):
 def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
     """Two AppTest sessions, run from two threads, share the cached tiny model (st.cache_resource) and click
     Generate at the same time with their own feature, strength, mode and prompt."""
-    from saesteer.ui import loaders
+    from saesteer.ui import sources
 
     views = [
         {"layer": "2", "feature": "11", "strength": "8", "prompt": "the king of france"},
@@ -146,7 +147,7 @@ def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
     for t in threads:
         t.join()
     assert not errors, errors
-    parts = loaders._tiny_parts()
+    parts = sources.tiny_parts()
     lm, sae = parts["lm"], parts["saes"][2]
     for at, view in zip(sessions, views):
         no_exception(at)
@@ -360,7 +361,7 @@ def test_html_like_prompts_and_contexts_are_escaped(fixture_env):
 def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkeypatch):
     """Tokens placed into Markdown (the demo presets of the steering lab) go through ``md_token``: HTML-escaped
     and with Markdown syntax (links, emphasis) neutralised, so a token cannot render as a link or markup."""
-    from saesteer.ui import lab
+    from saesteer.ui.pages import lab
     from saesteer.ui.render import md_token
 
     tokens = ["[click](http://evil.example)", "**bold**", XSS[1]]
@@ -414,7 +415,7 @@ def test_killed_scoring_job_resumes_and_equals_an_uninterrupted_run(tiny_lm, tmp
     args = ["scores", "--model", str(model), "--sae", str(sae_dir), "--corpus", str(corpus), "--tokens", "600",
             "--context-size", "32", "--device", "cpu"]
 
-    env = {**os.environ, "SAESTEER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, CACHE_ENV: str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     log = tmp_path / "killed-job.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", _STOP_AFTER_FIRST_CHUNK, *args, "--out", str(tmp_path / "killed.parquet")],

@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import WORDS, make_tiny_model, make_tiny_sae
 from test_app import app, no_exception
 
-from saesteer import models, saes
+from saesteer import models, paths
 from saesteer import scores as scores_mod
 from saesteer.__main__ import main
 from saesteer.config import EMBEDDED_MODEL, ConfigError, ScoreParams, SteerParams
@@ -32,6 +31,7 @@ from saesteer.hookpoints import tl_hook_name
 from saesteer.memory import OutOfMemory, for_each_batch, is_out_of_memory
 from saesteer.scores import output_scores
 from saesteer.steering import encode_prompts, generate, stream, stream_pair
+from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae
 
 RELEASE = "gemma-scope-2b-pt-res-canonical"
 
@@ -50,7 +50,7 @@ def cli(tiny_lm, tmp_path, monkeypatch, offline):
     make_tiny_sae(layer=2).sae.save_model(root / EMBEDDED_MODEL / "L2")
     entry = {"id": "tiny-L2", "layer": 2, "width": 128, "hook": tl_hook_name(2), "dir": "L2", "metrics": {}}
     (root / EMBEDDED_MODEL / "manifest.json").write_text(json.dumps({"saes": [entry]}))
-    monkeypatch.setattr(saes, "BUNDLED_ROOT", root)
+    monkeypatch.setattr(paths, "BUNDLED_SAES", root)
     calls: list = []
     monkeypatch.setattr(models, "load_model", lambda spec=None: calls.append(spec) or tiny_lm)
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
@@ -500,7 +500,7 @@ def test_app_feature_beyond_the_sae_is_an_error_in_the_lab(fixture_env):
 def test_app_out_of_memory_in_the_lab_is_an_error_not_a_crash(fixture_env, monkeypatch):
     """Out of memory while streaming the pair (after the first token) or during the sweep is an error that says
     what to reduce; the page stays up and the next generation runs."""
-    from saesteer.ui import lab
+    from saesteer.ui.pages import lab
 
     def oom_pair(*args, **kwargs):
         yield ("the", "the")

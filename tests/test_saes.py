@@ -7,9 +7,8 @@ import json
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import make_tiny_sae
 
-from saesteer import saes
+from saesteer import paths, saes
 from saesteer.config import SaeSpec
 from saesteer.hookpoints import (
     HookPointError,
@@ -19,6 +18,7 @@ from saesteer.hookpoints import (
     tl_hook_name,
 )
 from saesteer.saes import SaeLoadError, load_sae
+from saesteer.testing import make_tiny_sae
 
 
 def save(loaded, path):
@@ -45,7 +45,7 @@ def test_load_bundled_through_manifest(tiny_lm, tmp_path, monkeypatch):
     save(make_tiny_sae(layer=2), root / "tiny" / "L2")
     manifest = {"saes": [{"id": f"L{l}", "layer": l, "width": 128, "hook": tl_hook_name(l), "dir": f"L{l}"} for l in (2, 1)]}
     (root / "tiny" / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(saes, "BUNDLED_ROOT", root)
+    monkeypatch.setattr(paths, "BUNDLED_SAES", root)
     assert [e["layer"] for e in saes.list_bundled("tiny")] == [1, 2]
     assert load_sae(SaeSpec(layer=2), tiny_lm, model_name="tiny").id == "L2"
     assert load_sae(SaeSpec(sae_id="L1"), tiny_lm, model_name="tiny").layer == 1

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_sae
 
 from saesteer import scores
 from saesteer.config import ScoreParams
@@ -19,6 +18,7 @@ from saesteer.scores import (
     output_score_reference,
     output_scores,
 )
+from saesteer.testing import make_tiny_model, make_tiny_sae
 
 RTOL = 1e-5
 
@@ -232,7 +232,7 @@ def test_output_scores_equal_reference_on_embedded_model(embedded_lm):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, tiny_lm, tiny_sae):
-    from conftest import WORDS
+    from saesteer.testing import WORDS
 
     root = tmp_path_factory.mktemp("tiny")
     tiny_lm.model.save_pretrained(root / "model")

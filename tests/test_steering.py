@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_sae
 
 from saesteer.config import ConfigError, SteerParams
 from saesteer.saes import SaeLoadError
@@ -28,6 +27,7 @@ from saesteer.steering import (
     stream,
     stream_pair,
 )
+from saesteer.testing import make_tiny_model, make_tiny_sae
 
 PROMPTS = ["the king of france", "my love", "from my experience , the city is", "once i heard about the sea"]
 

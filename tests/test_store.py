@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_sae
 
 from saesteer import features as features_mod
 from saesteer import store as store_mod
 from saesteer.config import ScoreParams
 from saesteer.features import FeatureData, FeatureDataError, compute_many
 from saesteer.store import Store
+from saesteer.testing import make_tiny_sae
 
 
 def _arrays():

@@ -318,7 +318,7 @@ def activation_pass(
     after: int = AFTER,
     progress: Progress | None = None,
 ) -> list[ActivationStats]:
-    """Run the model over token-id ``sequences`` (BOS first, as ``bundle.pack_sequences`` makes them) and
+    """Run the model over token-id ``sequences`` (BOS first, as ``corpus.pack_sequences`` makes them) and
     collect :class:`ActivationStats` for every SAE in ``saes``; stops after ``n_tokens`` non-BOS tokens."""
     _check_saes(saes)
     layers = sorted({s.layer for s in saes})

@@ -14,29 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import Doc
+from .corpus import Doc, pack_sequences
 from .models import LoadedModel
 from .steering import capture_residuals, run_until_stop
-
-
-def pack_sequences(tokenizer, docs: Iterable[Doc], context_size: int) -> Iterator[list[int]]:
-    """Documents tokenised, joined by a blank line and cut into BOS + (context_size - 1) token sequences."""
-    sep = tokenizer("\n\n", add_special_tokens=False).input_ids
-    body = context_size - 1
-    buf: list[int] = []
-    for doc in docs:
-        buf.extend(tokenizer(doc.text, add_special_tokens=False).input_ids)
-        buf.extend(sep)
-        while len(buf) >= body:
-            yield [tokenizer.bos_token_id, *buf[:body]]
-            buf = buf[body:]
 
 
 def shard_dir(root: Path, layer: int) -> Path:

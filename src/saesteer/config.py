@@ -145,19 +145,19 @@ class TrainParams:
     """Dictionary size d_sae."""
     k: int = 64
     """TopK sparsity."""
-    tokens: int = 1_500_000
+    tokens: int = 2_700_000
     """Distinct corpus tokens whose activations are collected (BOS and special tokens excluded)."""
-    epochs: float = 2.0
+    epochs: float = 5.0
     """Passes over the collected activations; token-visits = tokens × epochs."""
     context_size: int = 128
     """Tokens per sequence when collecting activations."""
-    batch_size: int = 4096
+    batch_size: int = 2048
     """Training batch in tokens."""
     lr: float = 4e-4
     """Adam learning rate."""
     seed: int = 0
     """Seeds SAE initialisation and batch order."""
-    heldout_tokens: int = 120_000
+    heldout_tokens: int = 140_000
     """Held-out tokens for the quality metrics (dead features need >= 100k)."""
     extra: dict = field(default_factory=dict)
     """Free-form notes stored in the manifest."""

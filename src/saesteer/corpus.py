@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-BUNDLED_CORPUS = ASSETS / "corpus" / "prose.jsonl.xz"
+from .paths import BUNDLED_CORPUS
+
 HELDOUT_PERCENT = 5
 
 
@@ -111,6 +111,19 @@ def open_source(spec: str, split: str | None = "train") -> Iterator[Doc]:
         raise CorpusError("empty corpus spec: use 'bundled', 'hf:NAME' or file paths")
     docs = iter_files(paths)
     return (d for d in docs if split is None or d.split == split)
+
+
+def pack_sequences(tokenizer, docs: Iterable[Doc], context_size: int) -> Iterator[list[int]]:
+    """Documents tokenised, joined by a blank line and cut into BOS + (context_size - 1) token sequences."""
+    sep = tokenizer("\n\n", add_special_tokens=False).input_ids
+    body = context_size - 1
+    buf: list[int] = []
+    for doc in docs:
+        buf.extend(tokenizer(doc.text, add_special_tokens=False).input_ids)
+        buf.extend(sep)
+        while len(buf) >= body:
+            yield [tokenizer.bos_token_id, *buf[:body]]
+            buf = buf[body:]
 
 
 def corpus_hash(path: Path = BUNDLED_CORPUS) -> str:

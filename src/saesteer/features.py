@@ -32,7 +32,8 @@ from .activations import (
 )
 from .config import EMBEDDED_MODEL, ScoreParams
 from .models import LoadedModel
-from .saes import ASSETS, LoadedSae
+from .paths import bundled_feature_dir
+from .saes import LoadedSae
 from .scores import (
     DETAIL_RANK_CAP,
     INPUT_MAX_CONTEXTS,
@@ -45,7 +46,6 @@ from .scores import (
     token_strings,
 )
 
-FEATURES_ROOT = ASSETS / "features"
 #: Corpus tokens of the activation pass when the caller does not say.
 DEFAULT_TOKENS = 200_000
 #: Features per saved chunk of output scores (the unit of resumption).
@@ -349,13 +349,9 @@ def take_sequences(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos
     return list(limit_tokens(sequences, n_tokens, bos))
 
 
-def bundled_dir(sae_id: str, model_name: str = EMBEDDED_MODEL) -> Path:
-    return FEATURES_ROOT / model_name / sae_id
-
-
 def load_bundled(sae_id: str, model_name: str = EMBEDDED_MODEL) -> FeatureData | None:
     """Precomputed data shipped for a bundled SAE, or None when there is none (or it is damaged)."""
-    d = bundled_dir(sae_id, model_name)
+    d = bundled_feature_dir(model_name, sae_id)
     if not (d / "meta.json").exists():
         return None
     try:

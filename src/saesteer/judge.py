@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import ConfigError
+from .paths import JUDGE_API_KEY_ENV, JUDGE_LOCAL_ENV, JUDGE_MODEL_ENV, JUDGE_URL_ENV
 
 Complete = Callable[[str], str]
 
@@ -149,18 +150,18 @@ def local_complete(lm, max_new_tokens: int = 128) -> Complete:
 def judge_from_env(env: dict[str, str] | None = None) -> Judge:
     """The judge the environment configures; raises ConfigError naming the variables when none is."""
     env = dict(os.environ if env is None else env)
-    url, local = env.get("SAESTEER_JUDGE_URL"), env.get("SAESTEER_JUDGE_LOCAL")
+    url, local = env.get(JUDGE_URL_ENV), env.get(JUDGE_LOCAL_ENV)
     if url:
-        model = env.get("SAESTEER_JUDGE_MODEL")
+        model = env.get(JUDGE_MODEL_ENV)
         if not model:
-            raise ConfigError("SAESTEER_JUDGE_URL is set but SAESTEER_JUDGE_MODEL is not: name the judge model")
-        return Judge(openai_complete(url, model, env.get("SAESTEER_JUDGE_API_KEY")), f"{model}@{url}")
+            raise ConfigError(f"{JUDGE_URL_ENV} is set but {JUDGE_MODEL_ENV} is not: name the judge model")
+        return Judge(openai_complete(url, model, env.get(JUDGE_API_KEY_ENV)), f"{model}@{url}")
     if local:
         from .config import ModelSpec
         from .models import load_model
 
         return Judge(local_complete(load_model(ModelSpec(name=local))), local)
     raise ConfigError(
-        "the LLM judge is not configured: set SAESTEER_JUDGE_URL and SAESTEER_JUDGE_MODEL (an OpenAI-compatible "
-        "server) or SAESTEER_JUDGE_LOCAL (a local model directory)"
+        f"the LLM judge is not configured: set {JUDGE_URL_ENV} and {JUDGE_MODEL_ENV} (an OpenAI-compatible "
+        f"server) or {JUDGE_LOCAL_ENV} (a local model directory)"
     )

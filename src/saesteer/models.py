@@ -18,14 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import EMBEDDED_MODEL, ConfigError, ModelSpec
+from .paths import model_cache
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to do."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SAESTEER_CACHE", Path.home() / ".cache" / "saesteer"))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -133,7 +130,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def embedded_cache_dir() -> Path:
-    return cache_root() / "models" / EMBEDDED_MODEL
+    return model_cache(EMBEDDED_MODEL)
 
 
 def _prepare_embedded() -> Path:

@@ -15,9 +15,8 @@ import torch
 from .config import EMBEDDED_MODEL, SaeSpec
 from .hookpoints import HookPointError, hook_layer
 from .models import LoadedModel, forbid_pickle_loads
+from .paths import bundled_sae_dir
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-BUNDLED_ROOT = ASSETS / "saes"
 
 
 class SaeLoadError(RuntimeError):
@@ -70,13 +69,8 @@ def check_feature_id(feature: int, width: int, sae_id: str) -> None:
         raise SaeLoadError(f"feature {feature!r} is out of range for SAE '{sae_id}': use an integer from 0 to {width - 1}")
 
 
-def bundled_root(model_name: str = EMBEDDED_MODEL) -> Path:
-    """Where SAEs bundled for ``model_name`` would live; hub ids and local paths map to a flat folder name."""
-    return BUNDLED_ROOT / model_name.strip("/").replace("/", "__")
-
-
 def read_manifest(model_name: str = EMBEDDED_MODEL) -> dict:
-    path = bundled_root(model_name) / "manifest.json"
+    path = bundled_sae_dir(model_name) / "manifest.json"
     if not path.exists():
         return {"saes": []}
     return json.loads(path.read_text())
@@ -84,7 +78,7 @@ def read_manifest(model_name: str = EMBEDDED_MODEL) -> dict:
 
 def list_bundled(model_name: str = EMBEDDED_MODEL) -> list[dict]:
     """Bundled SAEs: dicts with id, layer, width, hook, path (absolute), metrics; sorted by layer."""
-    root = bundled_root(model_name)
+    root = bundled_sae_dir(model_name)
     out = []
     for entry in read_manifest(model_name).get("saes", []):
         path = root / entry["dir"]

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .models import LoadedModel, cache_root
+from .models import LoadedModel
+from .paths import features_cache
 
 #: Bump when the meaning or layout of cached results changes: old entries are then simply not found.
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ Progress = Callable[[int, int], None]
 
 def default_root() -> Path:
     """``$SAESTEER_CACHE/features`` (default ``~/.cache/saesteer/features``)."""
-    return cache_root() / "features"
+    return features_cache()
 
 
 # ---------------------------------------------------------------------------------------------------

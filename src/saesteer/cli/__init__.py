@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import EMBEDDED_MODEL, ConfigError
+from ..config import ConfigError, ModelSpec
+from .flags import Flag, add_flags, build, text
+
+#: The ModelSpec fields every subcommand that loads a model takes.
+MODEL_FLAGS = (
+    Flag("name", text(), flag="--model"),
+    Flag("device", text()),
+    Flag("dtype", text(("float32", "bfloat16", "float16"))),
+    Flag("trust_remote_code", None),
+)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"'{EMBEDDED_MODEL}' (embedded, default), a local HF directory or a hub id")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from a hub repo (off by default)")
+    add_flags(p, ModelSpec, MODEL_FLAGS)
 
 
 def add_sae_args(p: argparse.ArgumentParser, layer_required: bool = False) -> None:
@@ -59,7 +65,5 @@ def precheck_sae(sae_spec, model_name: str, features=()) -> None:
             check_feature_id(int(f), int(width), sae_id)
 
 
-def model_spec_from_args(args: argparse.Namespace):
-    from ..config import ModelSpec
-
-    return ModelSpec(name=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    return build(ModelSpec, args, MODEL_FLAGS)

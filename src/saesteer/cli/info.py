@@ -21,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bundled_saes(model_name: str) -> list[dict]:
     """SAEs shipped under assets/ for ``model_name``; none for a local directory or an unbundled hub id."""
-    from .. import saes
+    from .. import paths, saes
 
     if Path(model_name).expanduser().exists():
         return []
-    root = saes.bundled_root(model_name).resolve()
-    if not root.is_relative_to(saes.BUNDLED_ROOT.resolve()):
+    root = paths.bundled_sae_dir(model_name).resolve()
+    if not root.is_relative_to(paths.BUNDLED_SAES.resolve()):
         return []  # a name such as '../x' must not read a manifest outside assets/
     return [{**{k: e.get(k) for k in SAE_KEYS}, "diagnostics": e.get("diagnostics")} for e in saes.list_bundled(model_name)]
 
@@ -34,12 +34,13 @@ def bundled_saes(model_name: str) -> list[dict]:
 def collect(args: argparse.Namespace) -> dict:
     from .. import models
 
+    model_spec = model_spec_from_args(args)
     spec = sae_spec_from_args(args) if (args.sae or args.layer is not None) else None
     if spec is not None:
-        precheck_sae(spec, args.model)
-    lm = models.load_model(model_spec_from_args(args))
+        precheck_sae(spec, model_spec.name)
+    lm = models.load_model(model_spec)
     d = lm.describe()
-    info = {"model": {k: d[k] for k in ("name", "n_layers", "d_model", "vocab_size", "device")}, "saes": bundled_saes(args.model)}
+    info = {"model": {k: d[k] for k in ("name", "n_layers", "d_model", "vocab_size", "device")}, "saes": bundled_saes(model_spec.name)}
     if spec is not None:
         from ..diagnostics import measure
         from ..saes import load_sae

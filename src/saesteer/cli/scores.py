@@ -17,7 +17,10 @@ from . import (
     precheck_sae,
     sae_spec_from_args,
 )
+from .flags import Flag, add_flags, build, integer, number
 
+#: The ScoreParams fields the command line sets.
+FLAGS = (Flag("batch_size", integer()), Flag("amp", number()))
 ONLY = ("all", "output", "input")
 SHOWN = 20
 
@@ -36,8 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="bundled", help="'bundled' (offline corpus, train split) or text files (.txt/.jsonl/.parquet, comma-separated)")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens for the activation pass (default 200000)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
-    p.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features scored per forward for the output score")
-    p.add_argument("--amp", type=float, default=10.0, help="output-score amplification (paper: 10)")
+    add_flags(p, ScoreParams, FLAGS)
 
 
 def parse_features(text: str) -> list[int]:
@@ -67,7 +69,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--out {args.out}: use a .csv or .parquet file name")
         if not out.parent.exists():
             raise ConfigError(f"--out {args.out}: directory {out.parent} does not exist")
-    ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    build(ScoreParams, args, FLAGS)
 
 
 class _Bars:
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         return fail(str(exc))
 
-    params = ScoreParams(amp=args.amp, batch_size=args.batch_size)
+    params = build(ScoreParams, args, FLAGS)
     data = None
     if args.only == "all" and args.corpus == "bundled" and args.tokens is None and not args.no_cache:
         data = matching_bundled(lm, sae, params)  # shipped with the package: no corpus pass needed
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             data = data.subset(features)
     sequences = None
     if args.only != "output" and data is None:
-        from ..bundle import pack_sequences
+        from ..corpus import pack_sequences
 
         try:
             docs = open_source(args.corpus, split="train")

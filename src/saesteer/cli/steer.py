@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
-from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError, SteerParams
+from ..config import ConfigError, SteerParams
 from . import (
     USER_ERRORS,
     add_model_args,
@@ -15,6 +14,16 @@ from . import (
     model_spec_from_args,
     precheck_sae,
     sae_spec_from_args,
+)
+from .flags import Flag, add_flags, build, integer, number, parse_float, parse_int, text
+
+
+#: The SteerParams fields the command line sets (features and strengths come in pairs, below).
+FLAGS = (
+    Flag("mode", text()),
+    Flag("max_new_tokens", integer()),
+    Flag("seed", integer()),
+    Flag("temperature", number()),
 )
 
 
@@ -25,29 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", action="append", default=[], help="feature id (repeat for several features)")
     p.add_argument("--strength", action="append", default=[], help="strength per --feature: amp (paper) or coefficient (additive)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--mode", default="paper", help="paper: amp·max act at the last position; additive: coeff·W_dec[f] everywhere")
-    p.add_argument("--max-new-tokens", default="32", help=f"tokens to generate, 1..{MAX_NEW_TOKENS_LIMIT}")
-    p.add_argument("--seed", default="0", help="sampling seed")
-    p.add_argument("--temperature", default="0", help="0 = greedy (default); > 0 samples")
+    add_flags(p, SteerParams, FLAGS)
     p.add_argument("--fast-decode", action="store_true", help="decode both runs with a reduced-precision bf16 copy of the whole model (about 2x faster on CPU, about 0.54 GB more memory for Gemma 3 270M)")
     p.add_argument("--json", action="store_true", help='print {"baseline": ..., "steered": ...}')
-
-
-def _int(value: str, what: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{what} must be an integer, got {value!r}") from None
-
-
-def _float(value: str, what: str) -> float:
-    try:
-        out = float(value)
-    except ValueError:
-        raise ConfigError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{what} must be a finite number, got {value!r}")
-    return out
 
 
 def params_from_args(args: argparse.Namespace) -> SteerParams:
@@ -56,16 +45,9 @@ def params_from_args(args: argparse.Namespace) -> SteerParams:
         raise ConfigError("give at least one --feature F with a matching --strength S")
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty: give some text with --prompt")
-    features = tuple(_int(f, "--feature") for f in args.feature)
-    strengths = tuple(_float(s, "--strength") for s in args.strength)
-    return SteerParams(
-        features=features,
-        strengths=strengths,
-        mode=args.mode,
-        max_new_tokens=_int(args.max_new_tokens, "--max-new-tokens"),
-        temperature=_float(args.temperature, "--temperature"),
-        seed=_int(args.seed, "--seed"),
-    )
+    features = tuple(parse_int(f, "--feature") for f in args.feature)
+    strengths = tuple(parse_float(s, "--strength") for s in args.strength)
+    return build(SteerParams, args, FLAGS, features=features, strengths=strengths)
 
 
 def check_context(lm, params: SteerParams) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import paths
 from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError
 from ..models import LoadedModel
 from ..saes import LoadedSae
@@ -546,7 +547,7 @@ def shipped_dir(sae_id: str, model_name: str | None = None) -> Path:
     """Where the feature-level results of a bundled SAE are shipped: ``assets/eval/results/<model>/<sae id>/features``."""
     from ..config import EMBEDDED_MODEL
 
-    return layout.RESULTS_DIR / (model_name or EMBEDDED_MODEL) / sae_id / layout.FEATURES_SUBDIR
+    return paths.EVAL_RESULTS / (model_name or EMBEDDED_MODEL) / sae_id / layout.FEATURES_SUBDIR
 
 
 def load_shipped(sae_id: str, model_name: str | None = None) -> FeatureRun | None:

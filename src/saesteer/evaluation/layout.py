@@ -23,12 +23,12 @@ import pandas as pd
 
 from ..config import ConfigError
 
-ASSETS_EVAL = Path(__file__).resolve().parents[3] / "assets" / "eval"
-#: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/`` (concept level) and
-#: ``<model>/<sae id>/features/`` (feature level).
-RESULTS_DIR = ASSETS_EVAL / "results"
+from .. import paths
+from ..paths import EVAL_ASSETS, eval_cache
+
+ASSETS_EVAL = EVAL_ASSETS
 #: The paper's 50 neutral prefixes of the feature-level experiment.
-PAPER_PREFIXES = ASSETS_EVAL / "paper_prefixes.txt"
+PAPER_PREFIXES = EVAL_ASSETS / "paper_prefixes.txt"
 #: A packed run (:func:`saesteer.evaluation.results.pack_results`) keeps its unit records in one file instead of ``units/``.
 PACKED_UNITS = "units.parquet"
 FEATURES_SUBDIR = "features"
@@ -77,20 +77,16 @@ def json_default(o):
 
 def default_out_dir(model_name: str, sae_id: str) -> Path:
     """Where ``eval`` writes by default: ``$SAESTEER_CACHE/eval/<model>/<sae id>``."""
-    from ..models import cache_root
-
     def safe(name: str) -> str:
         return name.replace("/", "__").replace(":", "_")
 
-    return cache_root() / "eval" / safe(model_name) / safe(sae_id)
+    return eval_cache() / safe(model_name) / safe(sae_id)
 
 
 def eval_roots() -> list[Path]:
     """Where :func:`list_runs` looks by default: the cache's ``eval/`` (where ``eval`` writes unless given
     ``--out``) and the results shipped under ``assets/eval/results/`` (:data:`RESULTS_DIR`)."""
-    from ..models import cache_root
-
-    return [cache_root() / "eval", RESULTS_DIR]
+    return [eval_cache(), paths.EVAL_RESULTS]
 
 
 def list_runs(roots: Sequence[str | Path] | None = None) -> list[Path]:

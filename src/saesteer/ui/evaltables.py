@@ -242,7 +242,7 @@ def resume_command(meta: Mapping, out: str | Path) -> tuple[str, list[str]]:
     cli_keys = {"strengths", "diffmean_coeffs", "n_prefixes", "max_new_tokens", "seed", "methods", "batch_size"}
     other = sorted(k for k in params if k not in cli_keys and k in default and params[k] != default[k])
     if other:
-        notes.append(f"this run changed settings the CLI does not take ({', '.join(other)}): continue it through `saesteer.evaluate.run_evaluation`")
+        notes.append(f"this run changed settings the CLI does not take ({', '.join(other)}): continue it through `saesteer.evaluation.run_evaluation`")
     goal = meta.get("run") or {}
     methods = goal.get("methods") or params.get("methods")
     if methods and sorted(methods) != sorted(METHODS):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from .. import paths
 from ..evaluation import layout
 from ..evaluation.feature_level import FeatureRun, feature_summary, headline, load_feature_run
 from ..evaluation.report import fig_best_amp, fig_success_scatter, fig_threshold_curve
@@ -24,7 +25,7 @@ def _stamp(path: Path) -> float:
 
 
 def _name(path: Path, meta: dict) -> str:
-    where = "shipped" if path.resolve().is_relative_to(layout.RESULTS_DIR.resolve()) else "cache"
+    where = "shipped" if path.resolve().is_relative_to(paths.EVAL_RESULTS.resolve()) else "cache"
     return f"{meta.get('sae_id', path.parent.name)} ({where})"
 
 

@@ -4,16 +4,12 @@ Models and SAEs are shared by all sessions (see the locking notes in ``steering.
 from the bundled assets, from the on-disk cache, or is computed by a background job that writes to the
 cache, so a user can leave the page while it runs and come back to the result.
 
-Test fixture: with ``SAESTEER_TEST_FIXTURE=tiny`` the loaders return the tiny random model and SAEs of
-``tests/conftest.py`` and feature data computed on them (for AppTest and the browser test). The sidebar
-says so on every page: those numbers mean nothing.
+These are the real sources; ``sources.py`` sets the test fixture's beside them behind one interface.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import re
 import threading
 import time
@@ -26,31 +22,9 @@ from pathlib import Path
 import streamlit as st
 
 from ..config import ModelSpec, SaeSpec
-from ..models import LoadedModel, cache_root
-from ..saes import ASSETS, LoadedSae
-
-FIXTURE_ENV = "SAESTEER_TEST_FIXTURE"
-REPO_ROOT = Path(__file__).resolve().parents[3]
-FEATURES_ROOT = ASSETS / "features"
-TINY_MODEL = "tiny-gemma3"
-TINY_LAYERS = (1, 2, 3)
-
-
-def fixture_mode() -> str | None:
-    """'tiny' when the app runs on the test fixture, else None."""
-    value = os.environ.get(FIXTURE_ENV, "").strip().lower()
-    return value or None
-
-
-ROOTS_ENV = "SAESTEER_ALLOWED_ROOTS"
-
-
-def allowed_roots() -> list[Path]:
-    """Folders that model and SAE paths coming from a URL or typed into the sidebar may point into: the bundled
-    assets, the saesteer cache, and whatever the operator lists in ``$SAESTEER_ALLOWED_ROOTS`` (separated by
-    ``os.pathsep``). Whoever runs the app decides which of the server's folders its users may load from."""
-    extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
-    return [ASSETS, cache_root(), *extra]
+from ..models import LoadedModel
+from ..paths import app_features_cache, bundled_feature_dir
+from ..saes import LoadedSae
 
 
 @dataclass(frozen=True)
@@ -68,36 +42,12 @@ class SaeChoice:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Test fixture
-
-
-def _conftest():
-    path = REPO_ROOT / "tests" / "conftest.py"
-    if not path.exists():
-        raise RuntimeError(f"{FIXTURE_ENV}=tiny needs the repository's tests/conftest.py, which is missing here")
-    spec = importlib.util.spec_from_file_location("_saesteer_test_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@st.cache_resource(show_spinner=False)
-def _tiny_parts() -> dict:
-    module = _conftest()
-    lm = module.make_tiny_model()
-    saes = {layer: module.make_tiny_sae(layer=layer, seed=layer) for layer in TINY_LAYERS}
-    return {"lm": lm, "saes": saes, "words": module.WORDS}
-
-
-# ---------------------------------------------------------------------------------------------------
 # Models and SAEs
 
 
 @st.cache_resource(show_spinner="Loading the model (the first load of the embedded model takes about two minutes)…", max_entries=2)
 def load_model(spec: ModelSpec) -> LoadedModel:
     """The model ``spec`` names (raises ModelLoadError / ConfigError with a message for the user)."""
-    if fixture_mode() == "tiny":
-        return _tiny_parts()["lm"]
     from ..models import load_model as _load
 
     return _load(spec)
@@ -105,11 +55,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
 def sae_choices(model_name: str, source: str = "bundled", release: str | None = None) -> list[SaeChoice]:
     """SAEs the layer picker offers: bundled ones of the model, or the SAEs of a sae-lens release."""
-    if fixture_mode() == "tiny":
-        return [
-            SaeChoice(layer=l, label=f"layer {l} · tiny-topk-L{l} (test fixture)", spec=SaeSpec(source="bundled", layer=l, sae_id=f"tiny-topk-L{l}"), ref=f"tiny-topk-L{l}", width=128)
-            for l in TINY_LAYERS
-        ]
     if source == "bundled":
         from ..saes import list_bundled
 
@@ -149,14 +94,6 @@ def release_choices(release: str) -> list[SaeChoice]:
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=16)
 def load_sae(spec: SaeSpec, model_spec: ModelSpec, _lm: LoadedModel) -> LoadedSae:
     """The SAE ``spec`` names, checked against the model (raises SaeLoadError with a message)."""
-    if fixture_mode() == "tiny":
-        saes = _tiny_parts()["saes"]
-        layer = spec.layer if spec.layer is not None else int(str(spec.sae_id).rsplit("L", 1)[-1])
-        if layer not in saes:
-            from ..saes import SaeLoadError
-
-            raise SaeLoadError(f"no test-fixture SAE at layer {layer}; fixture layers: {', '.join(map(str, TINY_LAYERS))}")
-        return saes[layer]
     from ..saes import load_sae as _load
 
     return _load(spec, _lm, model_name=model_spec.name)
@@ -171,15 +108,11 @@ def _slug(text: str) -> str:
     return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def bundled_feature_dir(model_name: str, sae_id: str) -> Path:
-    return FEATURES_ROOT / model_name / sae_id
-
-
 def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
     """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
     from ..store import sae_fingerprint
 
-    return cache_root() / "app-features" / _slug(model_name) / f"{_slug(sae.id)}-{_fingerprint(sae, sae_fingerprint)}"
+    return app_features_cache() / _slug(model_name) / f"{_slug(sae.id)}-{_fingerprint(sae, sae_fingerprint)}"
 
 
 def _fingerprint(sae: LoadedSae, fn) -> str:
@@ -217,18 +150,8 @@ def _has_data(path: Path) -> bool:
     return (path / "meta.json").exists()
 
 
-@st.cache_resource(show_spinner="Computing feature data on the test fixture…", max_entries=8)
-def _tiny_feature_data(layer: int):
-    from .fixture import tiny_feature_data
-
-    parts = _tiny_parts()
-    return tiny_feature_data(parts["lm"], parts["saes"][layer], parts["words"])
-
-
 def load_feature_data(model_name: str, sae: LoadedSae):
     """The FeatureData of ``sae`` if bundled or cached, else None (compute it with :func:`start_job`)."""
-    if fixture_mode() == "tiny":
-        return _tiny_feature_data(sae.layer)
     path = feature_data_dir(model_name, sae)
     if path is None:
         return unsaved_feature_data(model_name, sae)
@@ -239,9 +162,7 @@ def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae |
     """Scores tables of every offered SAE whose feature data is already available (nothing is computed)."""
     out = {}
     for choice in choices:
-        if fixture_mode() == "tiny":
-            out[choice.layer] = _tiny_feature_data(choice.layer).table
-        elif choice.spec.source == "bundled" and _has_data(bundled_feature_dir(model_name, choice.ref)):
+        if choice.spec.source == "bundled" and _has_data(bundled_feature_dir(model_name, choice.ref)):
             path = bundled_feature_dir(model_name, choice.ref)
             out[choice.layer] = _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table
     if current is not None and current_data is not None:
@@ -331,7 +252,7 @@ def start_feature_job(model_name: str, lm: LoadedModel, sae: LoadedSae, n_tokens
     target = cache_feature_dir(model_name, sae) if features is None else subset_feature_dir(model_name, sae)
 
     def work(report: Callable[[float, str], None]) -> None:
-        from ..bundle import pack_sequences
+        from ..corpus import pack_sequences
         from ..corpus import iter_bundled
         from ..features import compute_many
 

@@ -25,7 +25,7 @@ def applies(sae) -> bool:
 @st.cache_resource(show_spinner="Measuring what one feature costs on this machine (a few seconds, once per SAE)…", max_entries=16)
 def rates(key: str, _lm, _sae) -> subsets.CostRates:
     """:func:`subsets.measure_rates` of the model and SAE that ``key`` (the job key) names, on the bundled corpus."""
-    from ..bundle import pack_sequences
+    from ..corpus import pack_sequences
     from ..corpus import iter_bundled
 
     return subsets.measure_rates(_lm, _sae, pack_sequences(_lm.tokenizer, iter_bundled("train"), 128))

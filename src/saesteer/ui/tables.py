@@ -129,3 +129,14 @@ def demo_features(table: pd.DataFrame, n: int = 4, min_family: int = 3) -> pd.Da
         if len(picked) == n:
             break
     return pd.DataFrame(picked).reset_index(drop=True) if picked else table.iloc[0:0]
+
+
+def selected_feature(event, frame: pd.DataFrame) -> int | None:
+    """Feature id of the row selected in a ``st.dataframe`` selection event over ``frame``, if any."""
+    try:
+        rows = event["selection"]["rows"]
+    except (KeyError, TypeError):
+        return None
+    if not rows or rows[0] >= len(frame):
+        return None
+    return int(frame.iloc[rows[0]]["feature"])

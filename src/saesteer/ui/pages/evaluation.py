@@ -19,11 +19,11 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from .. import evaluation as evaluate
-from . import evaltables as et
-from . import loaders
-from .context import AppContext
-from .state import is_within
+from ... import evaluation as evaluate, paths
+from .. import evaltables as et
+from .. import loaders
+from ..context import AppContext
+from ..state import is_within
 
 PROTOCOL = (
     "Per concept, three SAE features are taken among those whose logit-lens top-20 contains the concept: the one "
@@ -47,7 +47,7 @@ class RunEntry:
 
     @property
     def bundled(self) -> bool:
-        return is_within(self.path, [evaluate.layout.RESULTS_DIR])
+        return is_within(self.path, [paths.EVAL_RESULTS])
 
     @property
     def where(self) -> str:
@@ -93,7 +93,7 @@ def _valid(key: str, options: list, multi: bool = False) -> None:
 
 def render(ctx: AppContext) -> None:
     st.title("Evaluation")
-    from .feature_eval import render_feature_level
+    from ..feature_eval import render_feature_level
 
     render_feature_level()
     st.divider()
@@ -312,7 +312,7 @@ def _top_tokens(ctx: AppContext, meta: dict) -> dict[int, str] | None:
     """Logit-lens top tokens of the run's SAE, if the sidebar has that very SAE (same weights) loaded."""
     if ctx.data is None or ctx.sae is None or ctx.sae.id != meta.get("sae_id") or ctx.model_name != meta.get("model"):
         return None
-    from ..store import sae_fingerprint
+    from ...store import sae_fingerprint
 
     if loaders._fingerprint(ctx.sae, sae_fingerprint) != meta.get("sae_fingerprint"):
         return None

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from .common import require_data
-from .context import AppContext, select_feature
-from .exports import scores_csv
-from .nav import goto
-from .tables import filter_features, n_pages, page_of, ranked, split_tokens
+from ..common import require_data
+from ..context import AppContext
+from ..exports import scores_csv
+from ..nav import goto
+from ..session import select_feature
+from ..tables import filter_features, n_pages, page_of, ranked, selected_feature, split_tokens
 
 PAGE_SIZES = (25, 50, 100, 250)
 
@@ -33,17 +34,6 @@ def _short(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     out["top_tokens"] = out["top_tokens"].map(lambda s: " | ".join(split_tokens(s)[:SHOWN_TOKENS]))
     return out
-
-
-def selected_feature(event, frame: pd.DataFrame) -> int | None:
-    """Feature id of the row selected in a ``st.dataframe`` selection event over ``frame``, if any."""
-    try:
-        rows = event["selection"]["rows"]
-    except (KeyError, TypeError):
-        return None
-    if not rows or rows[0] >= len(frame):
-        return None
-    return int(frame.iloc[rows[0]]["feature"])
 
 
 def render(ctx: AppContext) -> None:

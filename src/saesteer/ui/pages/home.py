@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from .context import AppContext
-from .nav import link
+from ..context import AppContext
+from ..nav import link
 
 
 def render(ctx: AppContext) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from .card import steer_with
-from .common import require_data
-from .context import AppContext, select_feature
-from .data import max_tokens_by_feature
-from .nav import goto
-from .ranking import selected_feature
-from .render import md_token
-from .search import concept_tokens, search_concept
+from ..common import require_data
+from ..context import AppContext
+from ..data import max_tokens_by_feature
+from ..nav import goto
+from ..render import md_token
+from ..search import concept_tokens, search_concept
+from ..session import STRENGTH, select_feature, steer_with
+from ..tables import selected_feature
 
 
 def render(ctx: AppContext) -> None:
@@ -51,7 +51,7 @@ def render(ctx: AppContext) -> None:
         },
     )
     if st.button(f"Steer with feature {int(result['feature'].iloc[0])}", type="primary", key="cs_steer"):
-        steer_with([(int(result["feature"].iloc[0]), float(st.session_state.get("strength") or 4.0))])
+        steer_with([(int(result["feature"].iloc[0]), float(st.session_state.get(STRENGTH) or 4.0))])
     feature = selected_feature(event, result)
     if feature is not None:
         select_feature(feature)

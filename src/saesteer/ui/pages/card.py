@@ -7,18 +7,15 @@ import math
 import pandas as pd
 import streamlit as st
 
-from .. import plots
-from . import neuronpedia_panel, score_plan
-from .common import require_data
-from .context import FEATURE, AppContext, select_feature
-from .data import card_dict, context_max_tokens, lens_frames
-from .exports import card_json, steering_vector
-from .nav import goto
-from .render import contexts_html, md_token, token_chips_html
-from .tables import norm_token, split_tokens
-
-LAB_ROWS = "lab_rows"
-
+from ... import plots
+from .. import neuronpedia_panel, score_plan
+from ..common import require_data
+from ..context import AppContext
+from ..data import card_dict, context_max_tokens, lens_frames
+from ..exports import card_json, steering_vector
+from ..render import contexts_html, md_token, token_chips_html
+from ..session import MODE, STRENGTH, select_feature, steer_with
+from ..tables import norm_token, split_tokens
 
 def _fmt(value: float, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
@@ -50,14 +47,6 @@ def feature_picker(ctx: AppContext, key: str) -> int:
     return current
 
 
-def steer_with(features: list[tuple[int, float]]) -> None:
-    """Preselect ``features`` ((id, strength) pairs) in the steering lab and go there."""
-    st.session_state[LAB_ROWS] = [{"feature": int(f), "strength": float(s)} for f, s in features]
-    if features:
-        st.session_state[FEATURE] = int(features[0][0])
-    goto("lab")
-
-
 def render(ctx: AppContext) -> None:
     st.title("Feature card")
     data = require_data(ctx)
@@ -79,13 +68,13 @@ def render(ctx: AppContext) -> None:
     m[5].metric("Max prob", _fmt(float(row["max_prob"]), ".3f"))
 
     b1, b2, b3 = st.columns(3)
-    strength = float(st.session_state.get("strength") or 4.0)
+    strength = float(st.session_state.get(STRENGTH) or 4.0)
     if b1.button("Steer with this feature", type="primary", key="fc_steer"):
         steer_with([(feature, strength)])
     b2.download_button("Feature card (JSON)", card_json(card_dict(ctx, data, feature)), file_name=f"feature-{feature}-L{ctx.sae.layer}.json", mime="application/json", key="fc_json", on_click="ignore")
     b3.download_button(
         "Steering vector (safetensors)",
-        steering_vector(ctx.sae, [feature], [strength], st.session_state.get("mode") or "paper", ctx.model_name),
+        steering_vector(ctx.sae, [feature], [strength], st.session_state.get(MODE) or "paper", ctx.model_name),
         file_name=f"steer-f{feature}-L{ctx.sae.layer}.safetensors",
         mime="application/octet-stream",
         key="fc_vector",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from .. import plots
-from . import loaders
-from .common import require_data
-from .context import AppContext, select_feature
-from .nav import goto
-from .tables import threshold_shares
+from ... import plots
+from ..common import require_data
+from ..context import AppContext
+from ..nav import goto
+from ..session import select_feature
+from ..tables import threshold_shares
 
 
 def activation_vs_effect(table: pd.DataFrame, input_min: float, output_min: float) -> str:
@@ -39,7 +39,7 @@ def render(ctx: AppContext) -> None:
         "Output score: how strongly amplifying it makes the model predict those tokens (what it *does*)."
     )
     data = require_data(ctx)
-    frames = loaders.layer_tables(ctx.model_name, ctx.choices, ctx.sae, data)
+    frames = ctx.sources.layer_tables(ctx.model_name, ctx.choices, ctx.sae, data)
     c1, c2, c3 = st.columns(3)
     input_min = c1.slider("Input-score threshold", 0.0, 1.0, 0.5, 0.05, key="ov_input_min")
     output_min = c2.slider("Output-score threshold", 0.0, 1.0, 0.01, 0.001, key="ov_output_min", format="%.3f")

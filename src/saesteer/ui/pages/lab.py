@@ -13,23 +13,23 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from .. import plots
-from ..config import (
+from ... import plots
+from ...config import (
     MAX_ABS_STRENGTH,
     NEUTRAL_PROMPT,
     PAPER_STRENGTHS,
     ConfigError,
     SteerParams,
 )
-from ..memory import describe, free_memory, is_out_of_memory
-from ..steering import generate, stream_pair
-from .card import LAB_ROWS
-from .context import FEATURE, MODE, PROMPT, STRENGTH, AppContext
-from .data import live_lens_tokens
-from .exports import steering_vector
-from .render import md_token
-from .sweep import concept_hits, concept_targets, score_texts
-from .tables import demo_features, split_tokens
+from ...memory import describe, free_memory, is_out_of_memory
+from ...steering import generate, stream_pair
+from ..context import AppContext
+from ..data import live_lens_tokens
+from ..exports import steering_vector
+from ..render import md_token
+from ..session import FEATURE, LAB_ROWS, MODE, PROMPT, STRENGTH
+from ..sweep import concept_hits, concept_targets, score_texts
+from ..tables import demo_features, split_tokens
 
 MODES = {
     "paper": "paper amp: x_last += amp · max_j a_j(x) · W_dec[f]",
@@ -280,7 +280,7 @@ def run_sweep(ctx: AppContext, prompt: str, features: list[int], grid: list[floa
 
 def render(ctx: AppContext) -> None:
     st.title("Steering lab")
-    from .common import require_sae
+    from ..common import require_sae
 
     require_sae(ctx)
     if st.toggle("Demo mode", key="lab_demo", help="preset features and plain-language explanations"):
