@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import ConfigError
-
 from .. import paths
+from ..config import ConfigError
 from ..paths import EVAL_ASSETS, eval_cache
 
 ASSETS_EVAL = EVAL_ASSETS
+#: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/`` (concept level) and
+#: ``<model>/<sae id>/features/`` (feature level).
+RESULTS_DIR = paths.EVAL_RESULTS
 #: The paper's 50 neutral prefixes of the feature-level experiment.
 PAPER_PREFIXES = EVAL_ASSETS / "paper_prefixes.txt"
 #: A packed run (:func:`saesteer.evaluation.results.pack_results`) keeps its unit records in one file instead of ``units/``.
@@ -85,7 +87,7 @@ def default_out_dir(model_name: str, sae_id: str) -> Path:
 
 def eval_roots() -> list[Path]:
     """Where :func:`list_runs` looks by default: the cache's ``eval/`` (where ``eval`` writes unless given
-    ``--out``) and the results shipped under ``assets/eval/results/`` (:data:`RESULTS_DIR`)."""
+    ``--out``) and the results shipped under ``assets/eval/results/`` (``paths.EVAL_RESULTS``)."""
     return [eval_cache(), paths.EVAL_RESULTS]
 
 
