@@ -14,6 +14,9 @@ measures them and recomputes the shipped feature data. Every stage resumes where
    re-run), logit lens and output scores; the top contexts trimmed for shipping under ``assets/features``.
 
     python scripts/rebuild_bundle.py --init DIR_OF_THE_FIRST_BUILD [--stages collect,train,measure,features]
+
+``--layers 2`` redoes some layers only: their manifest entries are replaced, the others kept (how L2 was refined
+on more tokens with a longer dead-latent window; see the manifest's per-SAE ``training``).
 """
 
 from __future__ import annotations
@@ -71,11 +74,20 @@ def main() -> None:
     ap.add_argument("--train-shards", type=int, default=55, help="the first N activation shards (4064 tokens each) train the SAEs; "
                     "every collected shard feeds the input-score pass")
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--layers", default=",".join(map(str, LAYERS)), help="comma-separated subset of the bundled layers to rebuild")
+    ap.add_argument("--dead-window-tokens", type=int, default=None,
+                    help="tokens a latent may go without firing before the AuxK loss counts it dead (default: a tenth of the run)")
     ap.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}, or all")
     ap.add_argument("--keep", type=int, default=20, help="top contexts kept per feature in the shipped feature data")
     ap.add_argument("--window", type=int, default=16, help="tokens per shipped context window")
     args = ap.parse_args()
     stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    try:
+        layers = tuple(int(x) for x in args.layers.split(","))
+    except ValueError:
+        ap.error(f"--layers {args.layers!r}: use comma-separated integers from {', '.join(map(str, LAYERS))}")
+    if not set(layers) <= set(LAYERS):
+        ap.error(f"--layers {args.layers!r}: the bundle has layers {', '.join(map(str, LAYERS))}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         ap.error(f"unknown stages {sorted(unknown)}: use {', '.join(STAGES)} or all")
@@ -83,7 +95,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    params = TrainParams(layers=LAYERS, width=4096, k=64, tokens=args.tokens, epochs=args.epochs, context_size=128,
+    params = TrainParams(layers=layers, width=4096, k=64, tokens=args.tokens, epochs=args.epochs, context_size=128,
                          batch_size=2048, lr=args.lr, seed=0, heldout_tokens=args.heldout_tokens)
     lm = load_model()
 
@@ -93,8 +105,8 @@ def main() -> None:
         if not train_ids.exists():
             np.save(train_ids, tokenize_corpus(lm.tokenizer, iter_bundled("train"), args.tokens, params.context_size))
             np.save(held_ids, tokenize_corpus(lm.tokenizer, iter_bundled("heldout"), args.heldout_tokens, params.context_size))
-        n_held = collect_activations_from_ids(lm, np.load(held_ids), list(LAYERS), work / "acts_heldout")
-        n_train = collect_activations_from_ids(lm, np.load(train_ids), list(LAYERS), work / "acts_train")
+        n_held = collect_activations_from_ids(lm, np.load(held_ids), list(layers), work / "acts_heldout")
+        n_train = collect_activations_from_ids(lm, np.load(train_ids), list(layers), work / "acts_train")
         timings.setdefault("collect_s", round(time.time() - t0, 1))
         timings.update(train_tokens=n_train, heldout_tokens=n_held)
         timings_path.write_text(json.dumps(timings, indent=1))
@@ -102,14 +114,15 @@ def main() -> None:
     trained_dir = work / "saes"
     if "train" in stages:
         t0 = time.time()
-        shipped = {l: _load_dir(args.init / sae_id_for(l, params.width, params.k)) for l in LAYERS}
+        shipped = {l: _load_dir(args.init / sae_id_for(l, params.width, params.k)) for l in layers}
         def first_shards(layer: int) -> torch.Tensor:
             files = sorted(p for p in (work / "acts_train" / f"L{layer}").glob("*.npy") if not p.name.endswith(".tmp.npy"))
             if len(files) < args.train_shards:
                 raise SystemExit(f"only {len(files)} training shards of layer {layer} are collected; --train-shards asks for {args.train_shards}")
             return torch.from_numpy(np.concatenate([np.load(f) for f in files[: args.train_shards]]))
 
-        _, info = finetune_saes(first_shards, shipped, params, trained_dir, lm.name, checkpoint_dir=work / "checkpoints")
+        _, info = finetune_saes(first_shards, shipped, params, trained_dir, lm.name, checkpoint_dir=work / "checkpoints",
+                                dead_window_tokens=args.dead_window_tokens)
         timings["train_s"] = round(time.time() - t0, 1)
         timings["train_tokens_used"] = args.train_shards * 32 * (params.context_size - 1)
         timings["train_visits_per_second_per_sae"] = round(timings["train_tokens_used"] * args.epochs / timings["train_s"], 1)
@@ -122,10 +135,10 @@ def main() -> None:
         t0 = time.time()
         info = json.loads((work / "finetune_info.json").read_text())
         held_ids = np.load(work / "heldout_ids.npy")
-        new = {l: _load_dir(trained_dir / sae_id_for(l, params.width, params.k)) for l in LAYERS}
+        new = {l: _load_dir(trained_dir / sae_id_for(l, params.width, params.k)) for l in layers}
         ce = ce_loss_recovered(lm, new, torch.as_tensor(held_ids[:64], dtype=torch.long))
         entries = []
-        for l in LAYERS:
+        for l in layers:
             sae_id = sae_id_for(l, params.width, params.k)
             held = torch.from_numpy(load_shards(work / "acts_heldout", l))
             n_held = len(held)
@@ -137,6 +150,9 @@ def main() -> None:
                 "hook": f"blocks.{l}.hook_resid_post", "architecture": "topk", "metrics": metrics,
                 "diagnostics": after.to_dict(), "diagnostics_before_rebuild": before.to_dict(),
                 "rebuild": info[str(l)],
+                "training": {"tokens": timings.get("train_tokens_used"), "epochs": args.epochs, "lr": args.lr,
+                             "dead_window_tokens": args.dead_window_tokens, "train_s": timings.get("train_s"),
+                             "init": str(args.init)},
             })
             print(f"L{l}: {after.summary()}  (before: {before.summary()})", flush=True)
         manifest = {
@@ -162,6 +178,15 @@ def main() -> None:
         timings["measure_s"] = round(time.time() - t0, 1)
         timings_path.write_text(json.dumps(timings, indent=1))
         manifest["seconds"] = {k: v for k, v in timings.items() if k.endswith("_s")}
+        old_path = args.out / "manifest.json"
+        if set(layers) != set(LAYERS) and old_path.exists():  # a partial rebuild: keep the other layers' entries
+            old = json.loads(old_path.read_text())
+            redone = {e["id"] for e in entries}
+            kept = [e for e in old["saes"] if e["id"] not in redone]
+            old["saes"] = sorted(kept + entries, key=lambda e: e["layer"])
+            old.setdefault("partial_rebuilds", []).append(
+                {"layers": list(layers), "tokens_collected": timings.get("train_tokens"), "seconds": manifest["seconds"]})
+            manifest = old
         args.out.mkdir(parents=True, exist_ok=True)
         for e in entries:
             dst = args.out / e["dir"]
@@ -180,7 +205,7 @@ def main() -> None:
         from saesteer.saes import list_bundled, load_sae
 
         t0 = time.time()
-        saes = [load_sae(SaeSpec(source="bundled", sae_id=e["id"]), lm) for e in list_bundled()]
+        saes = [load_sae(SaeSpec(source="bundled", sae_id=e["id"]), lm) for e in list_bundled() if e["layer"] in layers]
         names = sorted(p.name for p in (work / "acts_train" / "token_ids").glob("*.npy") if not p.name.endswith(".tmp.npy"))
         rows = [list(map(int, r)) for n in names for r in np.load(work / "acts_train" / "token_ids" / n)]
         bars: dict[str, tqdm] = {}

@@ -86,6 +86,11 @@ def test_steer_json_matches_the_library(env, capsys):
     assert out["baseline"] == generate(lm, "the king of france", max_new_tokens=10)[0]
     assert out["steered"] == generate(lm, "the king of france", sae=sae, features=[5], strengths=[8.0], max_new_tokens=10)[0]
     assert out["baseline"] != out["steered"]
+    from saesteer.diagnostics import explain_amps, prompt_strength
+
+    # Paper mode says what amp 8 adds at the prompt's last position (no feature data: density unknown).
+    want = explain_amps(prompt_strength(lm, sae, "the king of france"), sae, [5], [8.0])
+    assert out["strength_meaning"] == want and want[0].startswith("amp 8 adds ") and "density is not measured" in want[0]
 
 
 def test_steer_several_features_additive_text_output(env, capsys):
@@ -98,6 +103,7 @@ def test_steer_several_features_additive_text_output(env, capsys):
     steered = generate(lm, "my love", sae=sae, features=[5, 17], strengths=[2.0, -3.0], mode="additive", max_new_tokens=6, temperature=0.7, seed=4)[0]
     assert "5×2, 17×-3" in out and "additive mode" in out
     assert f"steered:  {steered}\n" in out
+    assert "strength:" not in out  # additive coefficients have no paper-mode unit to explain
 
 
 BASE = ["steer", "--layer", "2", "--prompt", "the sea"]

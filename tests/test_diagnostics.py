@@ -71,3 +71,24 @@ def test_prompt_strength_names_the_latent_paper_mode_uses(tiny_lm):
     text = ps.explain(norm)
     assert "set by latent 5, which fires on every token" in text and text.startswith("amp 1 adds ")
     assert "density is not measured" in prompt_strength(tiny_lm, sae, prompt).explain(norm)
+
+
+def test_bundled_diagnostics_come_from_the_manifest():
+    from saesteer.config import EMBEDDED_MODEL
+    from saesteer.diagnostics import bundled_diagnostics
+    from saesteer.saes import list_bundled
+
+    entries = list_bundled(EMBEDDED_MODEL)
+    assert entries, "the bundle ships SAEs"
+    for e in entries:
+        d = bundled_diagnostics(EMBEDDED_MODEL, e["id"])
+        assert d is not None and d.to_dict() == e["diagnostics"]
+        assert d.peak_is_dense <= 0.1 and d.median_peak_share <= 0.1  # issue 12's targets, as measured at build time
+    assert bundled_diagnostics(EMBEDDED_MODEL, "no-such-sae") is None
+
+
+def test_densities_places_each_feature_and_leaves_the_rest_unknown():
+    from saesteer.diagnostics import densities
+
+    out = densities(np.array([3, 0]), np.array([0.5, 0.25]), 5)
+    assert out[3] == 0.5 and out[0] == 0.25 and np.isnan(out[[1, 2, 4]]).all()

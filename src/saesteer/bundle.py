@@ -132,9 +132,10 @@ def train_saes(
 
 
 def _trainer_config(params, total: int, device: str, checkpoint_dir: Path | None, warm_up_cap: int,
-                    dead_window_divisor: int, n_norm_batches: int):
+                    dead_window_divisor: int, n_norm_batches: int, dead_window: int | None = None):
     """sae-lens' trainer settings shared by a from-scratch build and a fine-tune: constant Adam lr with warm-up and
-    a decay over the last fifth; windows scaled to the run's number of steps."""
+    a decay over the last fifth; windows scaled to the run's number of steps (``dead_window`` steps, when given,
+    replaces the scaled window after which a latent that has not fired counts as dead for the AuxK loss)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     steps = total // params.batch_size
@@ -147,7 +148,7 @@ def _trainer_config(params, total: int, device: str, checkpoint_dir: Path | None
         lr_warm_up_steps=min(warm_up_cap, steps // 10),
         lr_decay_steps=steps // 5,
         device=device,
-        dead_feature_window=max(20, min(1000, steps // dead_window_divisor)),
+        dead_feature_window=dead_window or max(20, min(1000, steps // dead_window_divisor)),
         feature_sampling_window=max(50, min(2000, steps // 5)),
         n_checkpoints=4 if checkpoint_dir else 0,
         checkpoint_path=str(checkpoint_dir) if checkpoint_dir else None,
@@ -455,6 +456,7 @@ def finetune_saes(
     dense_threshold: float = 0.5,
     density_tokens: int = 100_000,
     checkpoint_dir: Path | None = None,
+    dead_window_tokens: int | None = None,
 ) -> tuple[dict[int, object], dict[int, dict]]:
     """Fine-tune shipped TopK SAEs on centred activations with sae-lens' ``MultiSAETrainer``; fold the centre back.
 
@@ -463,7 +465,9 @@ def finetune_saes(
     re-initialised, the rest start from their shipped weights (:func:`init_from_shipped`). After training,
     sae-lens' ``fold_activation_norm_scaling_factor`` and ``b_dec += centre`` give an SAE on raw residuals.
     ``load_layer(L)`` returns layer L's raw training residuals (tokens, d_model); layers are loaded one at a time
-    and kept only as centred fp16 copies. Returns layer -> trained SAE and layer -> what was done (centre norm,
+    and kept only as centred fp16 copies. ``dead_window_tokens``: how many training tokens a latent may go without
+    firing before the AuxK loss treats it as dead (default: a tenth of the run). A short window on a short run
+    repurposes latents of rare tokens, which then never fire on held-out text. Returns layer -> trained SAE and layer -> what was done (centre norm,
     scale, re-initialised latents).
     """
     from sae_lens.saes.sae import SAEMetadata
@@ -499,7 +503,8 @@ def finetune_saes(
         }
         del x  # the float32 copy; the centred fp16 one trains
     total = int(n_tokens * params.epochs) // params.batch_size * params.batch_size
-    trainer_cfg = _trainer_config(params, total, "cpu", checkpoint_dir, warm_up_cap=50, dead_window_divisor=10, n_norm_batches=1)
+    trainer_cfg = _trainer_config(params, total, "cpu", checkpoint_dir, warm_up_cap=50, dead_window_divisor=10, n_norm_batches=1,
+                                  dead_window=None if dead_window_tokens is None else max(1, dead_window_tokens // params.batch_size))
     hooks = {name: tl_hook_name(layer) for name, layer in names.items()}
     trainer = MultiSAETrainer(trainer_cfg, saes, hooks, data_provider=ShardBatches(data, params.batch_size, params.seed))
     latest = _latest_checkpoint(checkpoint_dir)

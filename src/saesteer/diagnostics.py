@@ -189,3 +189,26 @@ def measure(lm: LoadedModel, sae: LoadedSae, n_tokens: int = 8192) -> SaeDiagnos
         raise ValueError(f"n_tokens={n_tokens} is too few to measure densities: use at least 128")
     resid = heldout_residuals(lm, [sae.layer], heldout_sequences(lm, n_tokens))[sae.layer]
     return diagnose(sae, resid)
+
+
+def bundled_diagnostics(model_name: str, sae_id: str) -> SaeDiagnostics | None:
+    """The diagnostics a bundled SAE's manifest entry carries (measured when the bundle was built), or None."""
+    from .saes import list_bundled
+
+    for entry in list_bundled(model_name):
+        if entry["id"] == sae_id and entry.get("diagnostics"):
+            return from_dict(entry["diagnostics"])
+    return None
+
+
+def densities(features: np.ndarray, density: np.ndarray, width: int) -> np.ndarray:
+    """A (width,) density vector from a feature table's ``feature`` and ``density`` columns (NaN where unknown)."""
+    out = np.full(width, np.nan)
+    out[np.asarray(features, dtype=np.int64)] = np.asarray(density, dtype=np.float64)
+    return out
+
+
+def explain_amps(ps: PromptStrength, sae: LoadedSae, features: list[int], amps: list[float]) -> list[str]:
+    """:meth:`PromptStrength.explain` for each (feature, amp): what each paper-mode strength adds at the prompt."""
+    norms = sae.directions(list(features)).float().norm(dim=1).tolist() if features else []
+    return [ps.explain(n, a) for n, a in zip(norms, amps)]

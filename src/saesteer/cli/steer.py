@@ -58,6 +58,19 @@ def check_context(lm, params: SteerParams) -> None:
         raise ConfigError(f"--max-new-tokens {params.max_new_tokens} does not fit model '{lm.name}', whose context is {context} tokens: use fewer")
 
 
+def _strength_meaning(lm, sae, prompt: str, params: SteerParams) -> list[str]:
+    """In paper mode, what each amp adds at the prompt's last position, in plain words (densities from the
+    bundled feature data when it matches this SAE)."""
+    if params.mode != "paper":
+        return []
+    from ..diagnostics import densities, explain_amps, prompt_strength
+    from ..features import matching_bundled
+
+    data = matching_bundled(lm, sae)
+    dens = densities(data.table["feature"].to_numpy(), data.table["density"].to_numpy(), sae.width) if data is not None else None
+    return explain_amps(prompt_strength(lm, sae, prompt, dens), sae, list(params.features), list(params.strengths))
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import models, saes, steering
 
@@ -72,13 +85,19 @@ def run(args: argparse.Namespace) -> int:
             sae.check_feature(f)
         check_context(lm, params)
         baseline, steered = steering.generate_pair(lm, sae, args.prompt, params, fast=args.fast_decode)
+        meaning = _strength_meaning(lm, sae, args.prompt, params)
     except USER_ERRORS as exc:
         return fail(str(exc))
     if args.json:
-        print(json.dumps({"baseline": baseline, "steered": steered}, ensure_ascii=False))
+        out = {"baseline": baseline, "steered": steered}
+        if meaning:
+            out["strength_meaning"] = meaning
+        print(json.dumps(out, ensure_ascii=False))
         return 0
     terms = ", ".join(f"{f}×{s:g}" for f, s in zip(params.features, params.strengths))
     print(f"model {lm.name} · SAE {sae.id} (layer {sae.layer}) · {params.mode} mode · {terms}")
+    for f, line in zip(params.features, meaning):
+        print(f"strength: feature {f}: {line}")
     print(f"prompt:   {args.prompt}")
     print(f"baseline: {baseline}")
     print(f"steered:  {steered}")

@@ -15,11 +15,11 @@ from ..config import EMBEDDED_MODEL, ConfigError, ModelSpec, SaeSpec
 from ..models import LoadedModel
 from ..paths import allowed_roots, cache_root
 from ..subsets import subset_label
-from . import loaders, sae_picker
+from . import diagnostics_panel, loaders, sae_picker
 from .context import AppContext
 from .loaders import SaeChoice
 from .nav import sidebar_links
-from .session import FEATURE, MODE, PROMPT, STRENGTH
+from .session import CONCEPT, FEATURE, MODE, PRESENT, PROMPT, SEED, STRENGTH
 from .sources import Sources
 from .state import check_path, looks_like_path, parse_query_params
 
@@ -97,7 +97,8 @@ def _apply_query_params(sources: Sources) -> None:
         st.session_state["_sb_want_ref"] = view.sae
     if view.layer is not None:
         st.session_state["_sb_want_layer"] = view.layer
-    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode)):
+    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode),
+                       (CONCEPT, view.concept), (SEED, view.seed), (PRESENT, view.present)):
         if value is not None:
             st.session_state[key] = value
 
@@ -237,6 +238,7 @@ def render_sidebar() -> AppContext:
                 ctx.choice = _layer_picker(ctx.choices)
                 ctx.sae = ctx.sources.load_sae(ctx.choice.spec, ctx.model_spec, ctx.lm)
                 st.caption(f"SAE **{ctx.sae.id}** · layer {ctx.sae.layer} · {ctx.sae.width:,} features · `{ctx.sae.hook_name}`" + _quality(ctx.choice.metrics))
+                diagnostics_panel.sidebar(ctx)
             except Exception as exc:  # unknown release, d_in mismatch, no SAE at the layer...
                 ctx.errors.append(f"SAE: {exc}")
                 st.error(f"Could not load the SAE: {exc}")

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from ... import plots
-from .. import neuronpedia_panel, score_plan
+from .. import diagnostics_panel, neuronpedia_panel, score_plan
 from ..common import require_data
 from ..context import AppContext
 from ..data import card_dict, context_max_tokens, lens_frames
@@ -100,6 +100,9 @@ def render(ctx: AppContext) -> None:
             "On the neutral prompt, the feature is amplified at the last position (10 × the largest SAE activation there) "
             "and the model predicts the next token. Ranks (0 = most likely) and probabilities of its top lens tokens:"
         )
+        score_params = data.meta.get("params", {})
+        if "prompt" in score_params and "amp" in score_params:
+            diagnostics_panel.caption(ctx, score_params["prompt"], feature, float(score_params["amp"]), where="At this amplification: ")
         st.dataframe(output_details_view(data.output_details(feature)), hide_index=True, key="fc_out_details", column_config={
             "prob": st.column_config.ProgressColumn("prob after amplification", min_value=0.0, max_value=1.0, format="%.4f"),
             "lens_logit": st.column_config.NumberColumn("lens logit", format="%.3f"),
