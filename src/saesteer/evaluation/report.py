@@ -169,13 +169,13 @@ def fig_best_amp(tables: dict[str, pd.DataFrame]):
     """Histogram of the best amp, one bar group per run (layer)."""
     import plotly.graph_objects as go
 
-    from ..plots import esc
+    from ..text import escape
 
     fig = go.Figure()
     amps = sorted({float(a) for t in tables.values() for a in t["best_amp"]})
     for name, t in tables.items():
         counts = t["best_amp"].value_counts()
-        fig.add_trace(go.Bar(x=[f"{a:g}" for a in amps], y=[int(counts.get(a, 0)) for a in amps], name=esc(name)))
+        fig.add_trace(go.Bar(x=[f"{a:g}" for a in amps], y=[int(counts.get(a, 0)) for a in amps], name=escape(name, whitespace=True)))
     fig.update_layout(barmode="group", height=320, xaxis_title="best amp", yaxis_title="features",
                       margin=dict(l=50, r=20, t=30, b=40))
     return fig

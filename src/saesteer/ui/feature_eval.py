@@ -11,7 +11,7 @@ from .. import paths
 from ..evaluation import layout
 from ..evaluation.feature_level import FeatureRun, feature_summary, headline, load_feature_run
 from ..evaluation.report import fig_best_amp, fig_success_scatter, fig_threshold_curve
-from ..plots import esc
+from ..text import escape
 
 
 @st.cache_data(show_spinner="Reading the feature-level runs…", max_entries=16)
@@ -41,7 +41,7 @@ def render_feature_level() -> None:
         try:
             loaded[_name(p, layout.read_meta(p))] = _load(str(p), _stamp(p))
         except Exception as exc:  # a damaged run must not take the page down
-            st.warning(f"{esc(str(p))} could not be read: {esc(type(exc).__name__)}: {esc(str(exc))}")
+            st.warning(f"{escape(str(p), whitespace=True)} could not be read: {escape(type(exc).__name__, whitespace=True)}: {escape(str(exc), whitespace=True)}")
     if not loaded:
         return
     choice = st.selectbox("Run", list(loaded), key="ev_fl_run")
@@ -49,7 +49,7 @@ def render_feature_level() -> None:
     summary = feature_summary(run.features)
     p = run.meta.get("params", {})
     done, planned = len(run.features), run.n_planned
-    st.markdown(f"**{esc(headline(summary))}**")
+    st.markdown(f"**{escape(headline(summary), whitespace=True)}**")
     st.caption(f"{done} of {planned} features finished{'' if run.finished else ' (partial: resume with `--resume`)'}; "
                f"{p.get('n_prefixes')} prefixes, amps {p.get('amps')}, temperature {p.get('temperature')}, "
                f"{p.get('max_new_tokens')} new tokens, stop at {p.get('stop')!r}; best amp by {p.get('select')}.")
