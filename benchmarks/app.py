@@ -6,13 +6,16 @@
 - load time of one bundled layer's feature scores (cold, from disk) and of every layer's score table;
 - live decode tokens/s, detokenization included: single stream (``steering.stream``, steered and
   unsteered, float32 vs fast = the bf16 copy of the whole model) and the side-by-side pair the lab shows
-  (``steering.stream_pair``: baseline + steered as one 2-row batch, tokens/s per column).
+  (``steering.stream_pair``: baseline + steered as one 2-row batch, tokens/s per column);
+- the concept duel's three columns (baseline | activation pick | output pick as ONE 3-row batch, sampled at
+  0.7 as the page does): time from the call to the first token, tokens/s per stream and in total, on the
+  exact model and on the bf16 copy (``--duel-only`` runs just this part; on CUDA the exact model is the path).
 
 If no precomputed feature data is bundled yet, it is computed once for the chosen layer over a small
 slice of the bundled corpus into the app's on-disk cache (where the app would put it; bundled data takes
 precedence once it exists), and the output says so.
 
-    nice -n 15 python benchmarks/app.py [--layer 5] [--tokens 48] [--repeats 3]
+    nice -n 15 python benchmarks/app.py [--layer 5] [--tokens 48] [--repeats 3] [--duel-only] [--concept water]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["app.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
+PAGES = ["app.py", "pages/0_Concept_duel.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
 
 
 def median(xs: list[float]) -> float:
@@ -66,12 +69,57 @@ def pair_rate(lm, sae, prompt: str, tokens: int, feature: int, fast: bool) -> tu
     return first - t0, (n - 1) / (end - first) if n > 1 else float("nan")
 
 
+def duel_rate(lm, sae, bank, concept: str, tokens: int, fast: bool) -> tuple[float, float, int]:
+    """(seconds to the first token, decode steps per second after it = tokens/s per stream, streams) of one duel."""
+    from saesteer import duel
+
+    plan = duel.plan(duel.candidates(lm, bank, concept))
+    params = duel.DuelParams(concept=concept, strength=2.0, max_new_tokens=tokens)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for step in duel.stream_duel(lm, sae, params, plan, fast=fast):
+        if first is None and any(step.values()):
+            first = time.perf_counter()
+        if first is not None:
+            n += 1
+    end = time.perf_counter()
+    return first - t0, (n - 1) / (end - first) if n > 1 else float("nan"), len(plan.columns)
+
+
+def duel_part(lm, sae, data, concept: str, tokens: int, repeats: int) -> None:
+    from saesteer import steering
+    from saesteer.evaluation import FeatureBank
+
+    bank = FeatureBank.from_feature_data(data)
+    duel_rate(lm, sae, bank, concept, 4, fast=False)  # warm-up
+    print(f"concept duel “{concept}”, {tokens} new tokens per column, sampled at 0.7 (median of {repeats}):")
+    results = {}
+    for label, fast, max_batch in (("exact float32", False, steering.FAST_MAX_BATCH), ("bf16 copy (FAST_MAX_BATCH=3)", True, 3)):
+        old = steering.FAST_MAX_BATCH
+        steering.FAST_MAX_BATCH = max_batch
+        try:
+            if fast:
+                duel_rate(lm, sae, bank, concept, 4, fast=True)  # warm-up (builds the copy once)
+            runs = [duel_rate(lm, sae, bank, concept, tokens, fast) for _ in range(repeats)]
+        finally:
+            steering.FAST_MAX_BATCH = old
+        per, cols = median([r[1] for r in runs]), runs[0][2]
+        results[label] = per
+        print(f"  {label:<30} {cols} streams · {per:5.1f} tokens/s per stream · {per * cols:5.1f} tokens/s in total · "
+              f"first token {median([r[0] for r in runs]) * 1e3:.0f} ms")
+    a, b = results.values()
+    print(f"  bf16 copy / exact float32, tokens/s: {b / a:.2f}x (measured in this run on {lm.device})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--corpus-tokens", type=int, default=20_000, help="corpus tokens if feature data must be computed")
+    parser.add_argument("--duel-only", action="store_true", help="measure only the concept duel's three columns")
+    parser.add_argument("--concept", default="water", help="the duel's concept")
     args = parser.parse_args()
 
     from saesteer.config import SaeSpec
@@ -107,6 +155,9 @@ def main() -> int:
             data = compute_many(lm, [sae], pack_sequences(lm.tokenizer, iter_bundled("train"), 128), n_tokens=args.corpus_tokens)[0]
             data.save(data_dir)
             print(f"  computed in {time.perf_counter() - t0:.0f} s")
+    if args.duel_only:
+        duel_part(lm, sae, FeatureData.load(data_dir), args.concept, args.tokens, args.repeats)
+        return 0
     size = sum(p.stat().st_size for p in data_dir.iterdir()) / 1e6
     loads = []
     for _ in range(args.repeats):
@@ -159,6 +210,7 @@ def main() -> int:
     for label, fast in (("pair (baseline + steered), fast", True), ("pair (baseline + steered), float32", False)):
         runs = [pair_rate(lm, sae, "From my experience,", args.tokens, feature, fast) for _ in range(args.repeats)]
         print(f"  {label:<42} {median([r[1] for r in runs]):5.1f} tokens/s per column · first steered token {median([r[0] for r in runs]) * 1e3:.0f} ms")
+    duel_part(lm, sae, data, args.concept, args.tokens, args.repeats)
     return 0
 
 

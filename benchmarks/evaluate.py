@@ -58,7 +58,7 @@ def _timed(fn):
 
 
 def bench_generate(lm, sae, prefixes, rows: int, tokens: int, single: int) -> dict:
-    from saesteer.evaluate import PAPER_STRENGTHS
+    from saesteer.evaluation import PAPER_STRENGTHS
     from saesteer.steering import generate
 
     prompts = [prefixes[i % len(prefixes)] for i in range(rows)]
@@ -72,7 +72,7 @@ def bench_generate(lm, sae, prefixes, rows: int, tokens: int, single: int) -> di
 
 
 def bench_nll(lm, prefixes, rows: int, tokens: int, ref_rows: int = 16) -> dict:
-    from saesteer.evaluate import continuation_nll
+    from saesteer.evaluation import continuation_nll
     from saesteer.steering import generate
 
     pre = [prefixes[i % len(prefixes)] for i in range(rows)]
@@ -109,7 +109,7 @@ def bench_lora(lm, layer: int, params) -> float:
 def bench_head(lm, rows: int, reps: int = 3) -> dict:
     """Blocked exact argmax vs the argmax of the full (rows, vocab) logits, on final-normed hidden states of
     real prefixes (best of ``reps`` for each)."""
-    from saesteer.evaluate import default_prefixes
+    from saesteer.evaluation import default_prefixes
     from saesteer.fasthead import exact_argmax
 
     prompts = [default_prefixes()[i % 20] for i in range(rows)]
@@ -135,7 +135,7 @@ def bench_head(lm, rows: int, reps: int = 3) -> dict:
 def real_run(lm, sae, kind: str, n: int) -> None:
     """The evaluation as the CLI runs it, on the first ``n`` concepts with candidates, timed."""
     from saesteer import features as F
-    from saesteer.evaluate import (
+    from saesteer.evaluation import (
         EvalParams,
         FeatureScores,
         default_concepts,
@@ -166,7 +166,7 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     from saesteer.baselines import LoraParams
     from saesteer.corpus import pack_sequences
     from saesteer.corpus import iter_bundled
-    from saesteer.evaluate import (
+    from saesteer.evaluation import (
         EvalParams,
         FeatureScores,
         concept_token_ids,
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--input-tokens", type=int, default=20_000)
     args = ap.parse_args()
 
-    from saesteer.evaluate import EvalParams, default_prefixes
+    from saesteer.evaluation import EvalParams, default_prefixes
 
     lm, sae, kind = load(args.layer)
     prefixes = default_prefixes()

@@ -27,7 +27,7 @@ def smoke() -> None:
     from conftest import make_tiny_model, make_tiny_sae
     from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 
-    from saesteer.evaluate import run_evaluation
+    from saesteer.evaluation import run_evaluation
     from saesteer.models import LoadedModel
     from saesteer.saes import LoadedSae
 

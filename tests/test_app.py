@@ -21,7 +21,7 @@ from saesteer.ui import render, search, state, sweep, tables
 from saesteer.ui.exports import card_json, scores_csv, steering_vector
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
+PAGES = ["pages/0_Concept_duel.py", "pages/1_Layers_overview.py", "pages/2_Features_side_by_side.py", "pages/3_Feature_card.py", "pages/4_Concept_search.py", "pages/5_Steering_lab.py", "pages/6_Evaluation.py"]
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 TIMEOUT = 120
 
@@ -363,9 +363,9 @@ def test_lab_streams_the_same_text_as_generate(fixture_env):
     lm, sae = parts["lm"], parts["saes"][2]
     fast = at.checkbox(key="lab_fast").value
     # Both columns come from one 2-row decode: what generate_pair returns for the same settings.
-    params = SteerParams(features=(11,), strengths=(8.0,), mode="paper", max_new_tokens=32)
+    params = SteerParams(features=(11,), strengths=(8.0,), mode="paper", max_new_tokens=32, temperature=0.7)
     assert (last["baseline"], last["steered"]) == generate_pair(lm, sae, "the king of france", params, fast=fast)
-    common = dict(max_new_tokens=32, temperature=0.0, seed=0, fast=fast)
+    common = dict(max_new_tokens=32, temperature=0.7, seed=0, fast=fast)  # the lab samples at the paper's 0.7 by default
     assert last["baseline"] == generate(lm, "the king of france", **common)[0]
     assert last["steered"] == generate(lm, "the king of france", sae=sae, features=[11], strengths=[8.0], mode="paper", **common)[0]
     html_out = "\n".join(h.proto.body for h in at.get("html"))
@@ -386,7 +386,7 @@ def test_lab_sweep_zero_strength_is_the_baseline(fixture_env):
     assert result["strength"].tolist() == [0.0, 2.0, 20.0]
     assert (result["perplexity"] > 0).all() and (result["concept_hits"] >= 0).all()
     lm = sources.tiny_parts()["lm"]
-    assert result["text"].iloc[0] == generate(lm, at.text_area(key="lab_prompt").value, max_new_tokens=32)[0]
+    assert result["text"].iloc[0] == generate(lm, at.text_area(key="lab_prompt").value, max_new_tokens=32, temperature=0.7, seed=0)[0]
 
 
 def test_demo_mode_runs_a_preset(fixture_env):
@@ -561,5 +561,5 @@ def test_lab_on_the_embedded_model(real_mode, tmp_path, monkeypatch):
     lm = loaders.load_model(ModelSpec())
     fast = at.checkbox(key="lab_fast").value
     # the baseline is row 0 of a 2-row decode (row 1 steered); with fast decode, compare with the same batch shape
-    assert last["baseline"] == generate(lm, ["The capital of France is"] * 2, max_new_tokens=6, fast=fast)[0]
+    assert last["baseline"] == generate(lm, ["The capital of France is"] * 2, max_new_tokens=6, fast=fast, temperature=0.7, seed=[0, 0])[0]
     assert last["steered"]

@@ -27,7 +27,7 @@ CHROME_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-PAGES = {"": "SAEs are good for steering", "Layers_overview": "Layers overview", "Features_side_by_side": "Features side by side", "Feature_card": "Feature card", "Concept_search": "Concept search", "Steering_lab": "Steering lab", "Evaluation": "Evaluation"}
+PAGES = {"": "SAEs are good for steering", "Concept_duel": "Concept duel", "Layers_overview": "Layers overview", "Features_side_by_side": "Features side by side", "Feature_card": "Feature card", "Concept_search": "Concept search", "Steering_lab": "Steering lab", "Evaluation": "Evaluation"}
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
 STARTUP_S = 180
 RENDER_MS = 120_000
@@ -192,4 +192,52 @@ def test_sidebar_state_survives_navigation_and_steering_streams(server, browser)
     _assert_clean(page, "steering lab after Generate")
     assert page.get_by_text("Steered", exact=True).count() >= 1
     page.screenshot(path=str(ARTIFACTS / "steering-lab-generated.png"), full_page=True)
+    page.close()
+
+
+def _concept_with_both_picks(theta: float) -> str:
+    """A word of the tiny fixture (the server's layer 1) with an activation pick and a different output pick."""
+    from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
+    from saesteer import duel
+    from saesteer.evaluation import CandidateParams, FeatureBank
+
+    lm, sae = make_tiny_model(), make_tiny_sae(layer=1, seed=1)
+    bank = FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))
+    for w in sorted({w for w in WORDS if w.isalpha()}):
+        p = duel.plan(duel.candidates(lm, bank, w, CandidateParams(theta=theta)))
+        if len(p.columns) == 3 and not p.same_feature:
+            return w
+    pytest.fail(f"no fixture word has two different picks at theta {theta}")
+
+
+def test_concept_duel_streams_three_columns_in_chromium(server, browser, tmp_path):
+    """Type a concept, run the duel: three streamed columns with their counters, a verdict, the strength strip."""
+    theta = 0.2  # random tiny features rarely fire mostly on one word; the page's own threshold setting
+    concept = _concept_with_both_picks(theta)
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(f"{server}/Concept_duel?layer=1")
+    _settle(page)
+    page.get_by_text("More settings").click()
+    box = page.get_by_label("Fires on the concept", exact=False)
+    box.fill(str(theta))
+    box.press("Enter")
+    _settle(page)
+    field = page.get_by_label("Concept", exact=True)
+    field.fill(concept)
+    field.press("Enter")
+    page.wait_for_selector(f"text=Verdict.", timeout=RENDER_MS)
+    _settle(page)
+    _assert_clean(page, "concept duel")
+    main = page.locator('[data-testid="stMain"]')
+    columns = main.locator("div.saesteer-text")
+    assert columns.count() == 3, f"{columns.count()} text columns, expected baseline, activation pick and output pick"
+    prompt = "From my experience,"
+    assert all(len(columns.nth(i).inner_text()) > len(prompt) for i in range(3)), "a column streamed no text"
+    for title in ("Baseline (no steering)", "What fires on it (activation pick)", "What says it (output pick)"):
+        assert main.get_by_text(title, exact=False).count() >= 1, f"column {title!r} missing"
+    assert main.get_by_text(f"“{concept}” said", exact=False).count() >= 3, "a column has no concept counter"
+    assert "concept=" + concept in page.url
+    shot = tmp_path / "duel.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
     page.close()

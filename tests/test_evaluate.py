@@ -26,7 +26,7 @@ from saesteer.baselines import (
 )
 from saesteer.config import ConfigError
 from saesteer.corpus import Doc
-from saesteer.evaluate import (
+from saesteer.evaluation import (
     EvalParams,
     FeatureScores,
     best_strength,
@@ -192,7 +192,7 @@ def test_select_features_without_candidates_or_input_scores_is_skipped():
 def test_continuation_nll_matches_full_forward_per_row(monkeypatch, softcap, block):
     """Against a full-logits forward per row and a float64 log-softmax; with vocabulary blocks of 7 rows the
     running log-sum-exp crosses many blocks."""
-    import saesteer.evaluate as E
+    import saesteer.evaluation.metrics as E
 
     monkeypatch.setattr(E, "VOCAB_BLOCK", block)
     lm = make_tiny_model(softcap=softcap) if softcap else make_tiny_model()
@@ -506,7 +506,7 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
 def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from saesteer import evaluate, paths
+    from saesteer import evaluation as evaluate, paths
 
     res, _, out, _ = tiny_run
     assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}
@@ -526,7 +526,7 @@ def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, m
 
 
 def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
-    from saesteer import evaluate
+    from saesteer import evaluation as evaluate
 
     res, _, out, _ = tiny_run
     packed = evaluate.pack_results(out, tmp_path / "packed" / "m" / "tiny")

@@ -153,7 +153,7 @@ def test_two_app_sessions_steer_one_shared_model_independently(fixture_env):
         no_exception(at)
         last = at.session_state["lab_last"]
         fast = at.checkbox(key="lab_fast").value
-        common = dict(max_new_tokens=32, temperature=0.0, seed=0, fast=fast, mode=view.get("mode", "paper"))
+        common = dict(max_new_tokens=32, temperature=0.7, seed=0, fast=fast, mode=view.get("mode", "paper"))
         assert last["prompt"] == view["prompt"]
         assert last["steered"] == generate(lm, view["prompt"], sae=sae, features=[int(view["feature"])], strengths=[float(view["strength"])], **common)[0]
         assert last["baseline"] == generate(lm, view["prompt"], **{**common, "mode": "paper"})[0]
@@ -365,8 +365,9 @@ def test_demo_preset_tokens_are_escaped_as_html_and_markdown(fixture_env, monkey
     from saesteer.ui.render import md_token
 
     tokens = ["[click](http://evil.example)", "**bold**", XSS[1]]
-    preset = pd.DataFrame({"feature": [3], "top_tokens": [" | ".join(tokens)], "output_score": [0.5], "input_score": [float("nan")]})
-    monkeypatch.setattr(lab, "demo_features", lambda table, n=4: preset)
+    preset = pd.DataFrame({"feature": [3], "top_tokens": [" | ".join(tokens)], "output_score": [0.5], "input_score": [float("nan")],
+                           "strength": [2.0], "evidence": [""]})
+    monkeypatch.setattr(lab, "demo_rows", lambda ctx: preset)
     at = app().run()
     at.switch_page("pages/5_Steering_lab.py").run()
     at.toggle(key="lab_demo").set_value(True).run()

@@ -26,7 +26,7 @@ from saesteer import scores as scores_mod
 from saesteer.__main__ import main
 from saesteer.config import EMBEDDED_MODEL, ConfigError, ScoreParams, SteerParams
 from saesteer.corpus import Doc
-from saesteer.evaluate import continuation_nll
+from saesteer.evaluation import continuation_nll
 from saesteer.hookpoints import tl_hook_name
 from saesteer.memory import OutOfMemory, for_each_batch, is_out_of_memory
 from saesteer.scores import output_scores
@@ -333,7 +333,7 @@ def test_cli_eval_generation_out_of_memory_falls_back_to_the_same_texts(tmp_path
     from test_evaluate import DOCS, PREFIXES
 
     import saesteer.steering as steering_mod
-    from saesteer.evaluate import load_results
+    from saesteer.evaluation import load_results
     from saesteer.features import compute_many
 
     model_dir, sae_dir, feat_dir = tmp_path / "model", tmp_path / "sae", tmp_path / "features"

@@ -11,7 +11,7 @@ from ..config import EMBEDDED_MODEL, ModelSpec
 from ..models import LoadedModel
 from ..saes import LoadedSae
 from .loaders import SaeChoice
-from .session import FEATURE, MODE, PROMPT, STRENGTH
+from .session import CONCEPT, FEATURE, MODE, PRESENT, PROMPT, SEED, STRENGTH
 from .sources import Sources
 from .sources import current as current_sources
 from .state import ViewState
@@ -52,4 +52,7 @@ class AppContext:
             prompt=st.session_state.get(PROMPT),
             strength=st.session_state.get(STRENGTH),
             mode=st.session_state.get(MODE),
+            concept=st.session_state.get(CONCEPT),
+            seed=st.session_state.get(SEED),
+            present=st.session_state.get(PRESENT) or None,
         )

@@ -1,7 +1,7 @@
 """Pure shaping of evaluation results for the Evaluation page (no Streamlit): method labels, the headline
 sentence, per-concept feature picks, the generations view, and the CLI commands the page suggests.
 
-Everything here reads what ``saesteer.evaluate`` wrote; concept names and generated texts are untrusted
+Everything here reads what ``saesteer.evaluation`` wrote; concept names and generated texts are untrusted
 text and only ever leave this module inside DataFrames (shown as plain text) or shell-quoted commands.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import EMBEDDED_MODEL
-from ..evaluate import METHODS, SAE_METHODS, EvalParams, EvalResults
+from ..evaluation import METHODS, SAE_METHODS, EvalParams, EvalResults
 
 METHOD_LABELS = {
     "sae_output": "SAE feature · output score",
@@ -242,13 +242,13 @@ def resume_command(meta: Mapping, out: str | Path) -> tuple[str, list[str]]:
     cli_keys = {"strengths", "diffmean_coeffs", "n_prefixes", "max_new_tokens", "seed", "methods", "batch_size"}
     other = sorted(k for k in params if k not in cli_keys and k in default and params[k] != default[k])
     if other:
-        notes.append(f"this run changed settings the CLI does not take ({', '.join(other)}): continue it through `saesteer.evaluate.run_evaluation`")
+        notes.append(f"this run changed settings the CLI does not take ({', '.join(other)}): continue it through `saesteer.evaluation.run_evaluation`")
     goal = meta.get("run") or {}
     methods = goal.get("methods") or params.get("methods")
     if methods and sorted(methods) != sorted(METHODS):
         args += ["--methods", *methods]
     if goal.get("concepts") is not None:
-        from ..evaluate import default_concepts
+        from ..evaluation import default_concepts
 
         if list(goal["concepts"]) != default_concepts():
             args += ["--concepts", "CONCEPTS.txt"]
@@ -257,7 +257,7 @@ def resume_command(meta: Mapping, out: str | Path) -> tuple[str, list[str]]:
         args += ["--n-concepts", str(goal["n_concepts"])]
     prefixes = meta.get("prefixes")
     if prefixes is not None:
-        from ..evaluate import default_prefixes
+        from ..evaluation import default_prefixes
 
         if list(prefixes) != default_prefixes()[: len(prefixes)]:
             args += ["--prefixes", "PREFIXES.txt"]

@@ -299,7 +299,7 @@ def eval_stamp(path: Path) -> tuple:
 @st.cache_data(show_spinner="Reading the evaluation…", max_entries=16)
 def load_eval(path: str, stamp: tuple):
     """``evaluate.load_results`` of ``path``, cached until the run writes again (errors are raised, not cached)."""
-    from ..evaluate import load_results
+    from ..evaluation import load_results
 
     return load_results(path)
 
@@ -308,6 +308,6 @@ def load_eval(path: str, stamp: tuple):
 def eval_figures(path: str, stamp: tuple) -> dict:
     """``evaluate.figures`` of the run in ``path``, built once per write of the run (≈ 0.7 s for a 30-concept
     run) and shared read-only by the sessions that show it."""
-    from ..evaluate import figures
+    from ..evaluation import figures
 
     return figures(load_eval(path, stamp))

@@ -18,6 +18,7 @@ class PageInfo:
 
 PAGES = {
     "home": PageInfo("app.py", "Start", ":material/home:"),
+    "duel": PageInfo("pages/0_Concept_duel.py", "Concept duel", ":material/swords:"),
     "layers": PageInfo("pages/1_Layers_overview.py", "Layers overview", ":material/bar_chart:"),
     "features": PageInfo("pages/2_Features_side_by_side.py", "Features side by side", ":material/view_column:"),
     "card": PageInfo("pages/3_Feature_card.py", "Feature card", ":material/article:"),

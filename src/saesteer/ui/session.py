@@ -14,6 +14,10 @@ FEATURE = "feature"
 PROMPT = "prompt"
 STRENGTH = "strength"
 MODE = "mode"
+#: The concept duel's concept, sampling seed and presenter view (mirrored in the URL like the keys above).
+CONCEPT = "concept"
+SEED = "seed"
+PRESENT = "present"
 #: Features (and their strengths) the steering lab starts with: ``[{"feature": int, "strength": float}]``.
 LAB_ROWS = "lab_rows"
 

@@ -19,7 +19,7 @@ from . import diagnostics_panel, loaders, sae_picker
 from .context import AppContext
 from .loaders import SaeChoice
 from .nav import sidebar_links
-from .session import FEATURE, MODE, PROMPT, STRENGTH
+from .session import CONCEPT, FEATURE, MODE, PRESENT, PROMPT, SEED, STRENGTH
 from .sources import Sources
 from .state import check_path, looks_like_path, parse_query_params
 
@@ -97,7 +97,8 @@ def _apply_query_params(sources: Sources) -> None:
         st.session_state["_sb_want_ref"] = view.sae
     if view.layer is not None:
         st.session_state["_sb_want_layer"] = view.layer
-    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode)):
+    for key, value in ((FEATURE, view.feature), (PROMPT, view.prompt), (STRENGTH, view.strength), (MODE, view.mode),
+                       (CONCEPT, view.concept), (SEED, view.seed), (PRESENT, view.present)):
         if value is not None:
             st.session_state[key] = value
 

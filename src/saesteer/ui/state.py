@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..config import EMBEDDED_MODEL, MAX_ABS_STRENGTH
 
-PARAMS = ("model", "sae", "layer", "feature", "prompt", "strength", "mode")
+PARAMS = ("model", "sae", "layer", "feature", "prompt", "strength", "mode", "concept", "seed", "present")
+MAX_CONCEPT_CHARS = 64
 MAX_PROMPT_CHARS = 2000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _NAME = re.compile(r"^[\w.-]{1,128}$")
@@ -36,13 +37,20 @@ class ViewState:
     strength: float | None = None
     mode: str | None = None
     """'paper' or 'additive'."""
+    concept: str | None = None
+    """The concept duel's concept (a word or short phrase)."""
+    seed: int | None = None
+    """The concept duel's sampling seed."""
+    present: bool | None = None
+    """The concept duel's presenter view (large type, sidebar collapsed)."""
 
     def to_params(self) -> dict[str, str]:
         """Query-parameter strings for the fields that are set."""
         out = {}
         for key, value in asdict(self).items():
-            if value is not None:
-                out[key] = f"{value:g}" if isinstance(value, float) else str(value)
+            if value is None or (key == "present" and not value):
+                continue
+            out[key] = "1" if value is True else f"{value:g}" if isinstance(value, float) else str(value)
         return out
 
 
@@ -153,6 +161,16 @@ def parse_query_params(params: Mapping[str, str | Sequence[str]], roots: Sequenc
                 if not math.isfinite(number) or abs(number) > MAX_ABS_STRENGTH:
                     raise ValueError(f"strength {raw[:40]!r} is out of range: use a finite number with |strength| <= {MAX_ABS_STRENGTH:g}")
                 values[key] = number
+            elif key == "concept":
+                if len(raw) > MAX_CONCEPT_CHARS or not raw.strip():
+                    raise ValueError(f"concept must be a word or short phrase of 1 to {MAX_CONCEPT_CHARS} characters, got {raw[:40]!r}")
+                values[key] = raw.strip()
+            elif key == "seed":
+                values[key] = _int(raw, key, 2**31)
+            elif key == "present":
+                if raw not in ("0", "1", "true", "false"):
+                    raise ValueError(f"present must be 1 or 0, got {raw[:40]!r}")
+                values[key] = raw in ("1", "true")
             elif key == "mode":
                 if raw not in ("paper", "additive"):
                     raise ValueError(f"mode {raw[:40]!r} is unknown: use 'paper' or 'additive'")

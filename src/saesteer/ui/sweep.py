@@ -1,4 +1,4 @@
-"""Measures for the steering lab and its strength sweep, taken from :mod:`saesteer.evaluate` so that the
+"""Measures for the steering lab and its strength sweep, taken from :mod:`saesteer.evaluation.metrics` so that the
 app and the evaluation count the same way.
 
 Concept hits are the paper's generation success: how many of a feature's logit-lens top tokens occur in
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 
-from ..evaluate import continuation_nll, repetition, success_at_k, target_strings
+from ..evaluation import continuation_nll, repetition, success_at_k, target_strings
 from ..models import LoadedModel
 
 

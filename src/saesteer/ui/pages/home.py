@@ -25,6 +25,8 @@ def render(ctx: AppContext) -> None:
         status = "scores ready" if ctx.data is not None else "scores not computed yet"
         st.success(f"Model **{ctx.model_name}**, SAE **{ctx.sae.id}** (layer {ctx.sae.layer}, {ctx.sae.width:,} features): {status}.")
     st.markdown("#### Where to go")
+    link("duel", "Concept duel: see it in one click")
+    st.caption("Type a concept: what fires on it vs what says it, streamed side by side. Start here for a demo.")
     c1, c2 = st.columns(2)
     with c1:
         link("layers")

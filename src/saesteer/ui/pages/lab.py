@@ -14,6 +14,7 @@ import streamlit as st
 import torch
 
 from ... import plots
+from ... import presets as presets_lib
 from ...config import (
     MAX_ABS_STRENGTH,
     NEUTRAL_PROMPT,
@@ -36,8 +37,10 @@ MODES = {
     "paper": "paper amp: x_last += amp · max_j a_j(x) · W_dec[f]",
     "additive": "additive coefficient: x += c · W_dec[f] at every position",
 }
-DEFAULT_STRENGTH = {"paper": 4.0, "additive": 40.0}
-DEMO_STRENGTH = 4.0
+DEFAULT_STRENGTH = {"paper": 2.0, "additive": 40.0}
+"""Only where a feature has no measured default (see :func:`default_strength`); paper: the paper's median best factor."""
+DEFAULT_TEMPERATURE = 0.7
+"""The paper's sampling temperature."""
 MAX_FEATURES = 6
 SWEEP_DEFAULT = (0.0, 0.8, 2.0, 4.0, 8.0, 20.0)
 FAST_LABEL = "Fast decode (bf16 copy of the whole model)"
@@ -68,19 +71,54 @@ def _max_act(ctx: AppContext, feature: int) -> float | None:
     return float(rows["max_activation"].iloc[0]) if len(rows) else None
 
 
+def _defaults(ctx: AppContext) -> presets_lib.Defaults | None:
+    if ctx.data is None:
+        return None
+    from .duel import defaults_for
+
+    return defaults_for(ctx)
+
+
 def _default_feature(ctx: AppContext) -> int:
-    """The feature the lab starts from when none (or none that exists) is selected: the top output score, else 0."""
+    """The feature the lab starts from when none (or none that exists) is selected: the first demo preset (a
+    feature whose top logit-lens token is a word, picked from the evaluation or by the fallback), else the top
+    output score among word-led features, else the top output score, else 0."""
+    d = _defaults(ctx)
+    if d is not None and d.presets:
+        return d.presets[0].feature
     if ctx.data is not None and len(ctx.data.table):
-        return int(ctx.data.table.sort_values("output_score", ascending=False)["feature"].iloc[0])
+        words = demo_features(ctx.data.table, n=1)
+        table = words if len(words) else ctx.data.table.sort_values("output_score", ascending=False)
+        return int(table["feature"].iloc[0])
     return 0
+
+
+def default_strength(ctx: AppContext, feature: int, mode: str = "paper") -> float:
+    """A feature's default paper amp from its measured fluent range (:mod:`saesteer.presets`: the evaluation's
+    best amp at this layer, else the feature's calibration); additive mode keeps its fixed default."""
+    d = _defaults(ctx)
+    if mode != "paper" or d is None:
+        return DEFAULT_STRENGTH[mode]
+    from .duel import bank_for
+
+    for p in d.presets:
+        if p.feature == feature:
+            return presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)[0]
+    try:
+        return presets_lib.feature_strength(ctx.lm, ctx.sae, d, feature, bank_for(ctx))[0]
+    except KeyError:  # a feature the data does not cover
+        return DEFAULT_STRENGTH[mode]
 
 
 def _initial_rows(ctx: AppContext) -> list[dict]:
     """One row from the shared selection; ids and strengths are checked (with a message) by :func:`_rows_editor`."""
     feature = st.session_state.get(FEATURE)
     strength = st.session_state.get(STRENGTH)
-    return [{"feature": _default_feature(ctx) if feature is None else feature,
-             "strength": DEFAULT_STRENGTH["paper"] if strength is None else strength}]
+    feature = _default_feature(ctx) if feature is None else feature
+    if strength is None:
+        with st.spinner("Finding a fluent strength for this feature…"):
+            strength = default_strength(ctx, feature) if isinstance(feature, int) and 0 <= feature < ctx.sae.width else DEFAULT_STRENGTH["paper"]
+    return [{"feature": feature, "strength": strength}]
 
 
 def _checked_row(ctx: AppContext, row: dict, mode: str) -> None:
@@ -110,7 +148,8 @@ COLORS = ("#7f7f7f", "#d62728")  # baseline, steered
 
 def _text_box(prompt: str, continuation: str, color: str) -> str:
     return (
-        f'<div style="border-left: 4px solid {color}; padding: 0.4em 0.8em; white-space: pre-wrap; font-size: 1.02em; min-height: 4em;">'
+        f'<div style="border-left: 4px solid {color}; padding: 0.4em 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; '
+        f'word-break: break-word; font-size: 1.02em; min-height: 4em;">'
         f'<span style="color: #888;">{html.escape(prompt)}</span>{html.escape(continuation)}</div>'
     )
 
@@ -159,7 +198,7 @@ def _rows_editor(ctx: AppContext, mode: str) -> list[dict]:
         rows.pop(remove)
         st.rerun()
     if len(rows) < MAX_FEATURES and st.button("Add a feature", key="lab_add"):
-        rows.append({"feature": rows[-1]["feature"], "strength": DEFAULT_STRENGTH[mode]})
+        rows.append({"feature": rows[-1]["feature"], "strength": default_strength(ctx, rows[-1]["feature"], mode)})
         st.rerun()
     return rows
 
@@ -174,7 +213,7 @@ def _demo_panel(ctx: AppContext) -> None:
     if ctx.data is None:
         st.info("The demo presets need the feature scores of this SAE (see the Layers page).")
         return
-    presets = demo_features(ctx.data.table, n=4)
+    presets = demo_rows(ctx)
     if presets.empty:
         st.info("No feature with a word-like top token to demonstrate in this SAE.")
         return
@@ -188,12 +227,28 @@ def _demo_panel(ctx: AppContext) -> None:
                 f"Output score **{row['output_score']:.2f}** (how reliably turning it up changes what the model says); "
                 + (f"input score {row['input_score']:.2f} (how often it lights up on those words when reading)." if row["input_score"] == row["input_score"] else "input score: not enough examples.")
             )
+            if isinstance(row.get("evidence"), str) and row["evidence"]:
+                st.caption(row["evidence"])
             if st.button("Try it", key=f"lab_demo_{int(row['feature'])}"):
-                st.session_state[LAB_ROWS] = [{"feature": int(row["feature"]), "strength": DEMO_STRENGTH}]
+                amp = row["strength"] if row.get("strength") == row.get("strength") else default_strength(ctx, int(row["feature"]))
+                st.session_state[LAB_ROWS] = [{"feature": int(row["feature"]), "strength": float(amp)}]
                 st.session_state["lab_mode"] = "paper"
                 st.session_state["lab_prompt"] = NEUTRAL_PROMPT
                 st.session_state["lab_autorun"] = True
                 st.rerun()
+
+
+def demo_rows(ctx: AppContext) -> pd.DataFrame:
+    """The demo mode's presets: the duel's (:func:`saesteer.presets.defaults`, each with its concept, amp and
+    evidence), else word-led features by output score (``tables.demo_features``, their amp calibrated on click)."""
+    d = _defaults(ctx)
+    table = ctx.data.table
+    if d is not None and d.presets:
+        rows = table.set_index("feature").loc[[p.feature for p in d.presets]].reset_index()
+        rows["strength"] = [p.strength if p.strength is not None else float("nan") for p in d.presets]
+        rows["evidence"] = [p.evidence for p in d.presets]
+        return rows
+    return demo_features(table, n=4).assign(strength=float("nan"), evidence="")
 
 
 def _precision_note(fast: bool) -> str:
@@ -227,7 +282,9 @@ def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, cli
     boxes = (left.empty(), right.empty())
     for box, color in zip(boxes, COLORS):
         box.html(_text_box(prompt, "…", color))
-    st.caption(_precision_note(fast))
+    from .duel import device_line
+
+    st.caption(_precision_note(fast) + " " + device_line(ctx, fast, rows=2))
     pieces = stream_pair(ctx.lm, prompt, sae=ctx.sae, params=params, fast=fast)
     baseline, steered, first = _stream_pair_into(boxes, prompt, pieces, clicked)
     st.session_state["lab_last"] = {
@@ -273,8 +330,8 @@ def run_sweep(ctx: AppContext, prompt: str, features: list[int], grid: list[floa
     strengths = torch.tensor([[s] * len(features) for s in grid], dtype=torch.float32)  # (n_grid, n_features)
     texts = generate(
         ctx.lm, [prompt] * len(grid), sae=ctx.sae, features=features, strengths=strengths, mode=params.mode,
-        max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
-    )
+        max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=[params.seed] * len(grid),
+    )  # one seed per row: each strength samples as it would alone, so rows differ by strength only
     scores = score_texts(ctx.lm, prompt, texts, _targets(ctx, features))
     return pd.concat([pd.DataFrame({"strength": grid}), scores, pd.DataFrame({"text": texts})], axis=1)
 
@@ -305,7 +362,7 @@ def render(ctx: AppContext) -> None:
 
     with st.expander("Sampling", expanded=False):
         c1, c2, c3, c4 = st.columns(4)
-        temperature = c1.slider("Temperature", 0.0, 2.0, 0.0, 0.05, key="lab_temp", help="0 = greedy")
+        temperature = c1.slider("Temperature", 0.0, 2.0, DEFAULT_TEMPERATURE, 0.05, key="lab_temp", help="0 = greedy; the paper samples at 0.7")
         seed = int(c2.number_input("Seed", 0, 2**31 - 1, 0, key="lab_seed"))
         max_new = c3.slider("Max new tokens", 1, 256, 32, key="lab_max_new")
         fast = c4.checkbox(FAST_LABEL, value=ctx.lm.device.type == "cpu", key="lab_fast", help=FAST_HELP)
@@ -324,10 +381,16 @@ def render(ctx: AppContext) -> None:
         st.stop()
 
     autorun = st.session_state.pop("lab_autorun", False)
-    if st.button("Generate", type="primary", key="lab_go") or autorun:
+    g1, g2 = st.columns([1, 4])
+    go = g1.button("Generate", type="primary", key="lab_go")
+    live = g2.toggle("Live", value=True, key="lab_live", help="restart generation whenever a strength, feature, prompt or sampling setting changes")
+    key = (prompt, params, fast)
+    last = st.session_state.get("lab_last")
+    if go or autorun or (live and (last is None or last.get("key") != key)):
         clicked = time.perf_counter()
         with _shown_errors("generating the baseline and steered texts", OOM_PAIR):
             _run_pair(ctx, prompt, params, fast, clicked)
+            st.session_state["lab_last"]["key"] = key
     else:
         _show_last()
     _last_summary(ctx)

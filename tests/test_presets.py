@@ -1,0 +1,174 @@
+"""Fluent defaults: presets and default strengths picked by code from evaluation results (fresh vs stale runs),
+the calibration fallback, and, on the real embedded model, that the presets say their word without looping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
+from saesteer import presets
+from saesteer.evaluation import FeatureBank, repetition
+
+
+@pytest.fixture(scope="module")
+def parts():
+    lm = make_tiny_model()
+    sae = make_tiny_sae(layer=1, seed=1)
+    bank = FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))
+    return lm, sae, bank
+
+
+def word_features(lm, bank) -> list[tuple[int, str]]:
+    out = []
+    for f in bank.features:
+        w = presets.top_word(lm.tokenizer.convert_ids_to_tokens(int(bank.top_ids[bank.row(int(f)), 0])))
+        if w is not None:
+            out.append((int(f), w))
+    return out
+
+
+def write_run(root, lm, sae, rows: list[dict], train: list[dict], fresh: bool = True):
+    from saesteer.store import model_fingerprint, sae_fingerprint
+
+    run = root / "gemma" / sae.id
+    run.mkdir(parents=True)
+    meta = {"sae_id": sae.id, "model_fingerprint": model_fingerprint(lm), "sae_fingerprint": sae_fingerprint(sae) if fresh else "old"}
+    (run / "meta.json").write_text(json.dumps(meta))
+    pd.DataFrame(rows).to_csv(run / "summary.csv", index=False)
+    pd.DataFrame(train).to_parquet(run / "generations.parquet")
+    return run
+
+
+def summary_row(concept, method, feature, strength, concept_score, combined=0.5, fluency=0.8):
+    return {"concept": concept, "method": method, "feature": feature, "strength": strength, "concept_score": concept_score,
+            "combined": combined, "fluency": fluency}
+
+
+def test_top_word_is_a_word_of_four_latin_letters():
+    assert presets.top_word("▁Ocean") == "ocean" and presets.top_word(" water") == "water"
+    for token in ("est", " 1234", "وسهلا", "ab-c", " ", "lijk."):
+        assert presets.top_word(token) is None, token
+    assert presets.mentions_word("Oceans and the ocean, OCEAN!", "ocean") == 2
+
+
+def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_model(parts, tmp_path):
+    lm, sae, bank = parts
+    (f1, w1), (f2, w2), (f3, w3) = word_features(lm, bank)[:3]
+    rows = [
+        summary_row("alpha", "sae_output", f1, 3.0, 0.6, combined=0.5), summary_row("alpha", "unsteered", -1, 0.0, 0.1),
+        summary_row("beta", "sae_output", f2, 1.2, 0.9, combined=0.7), summary_row("beta", "unsteered", -1, 0.0, 0.0),
+        summary_row("gamma", "sae_output", f3, 4.0, 0.2), summary_row("gamma", "unsteered", -1, 0.0, 0.3),  # no gain: not a preset
+    ]
+    train = [{"concept": c, "method": "sae_output", "strength": s, "split": "train", "combined": v}
+             for c in ("alpha", "beta") for s, v in ((1.2, 0.2), (2.0, 0.6), (4.0, 0.4))]
+    train.append({"concept": "alpha", "method": "sae_input", "strength": 8.0, "split": "train", "combined": 0.9})  # another method
+    run = write_run(tmp_path, lm, sae, rows, train)
+    d = presets.defaults(lm, sae, bank, roots=[tmp_path])
+    assert d.source == "evaluation" and d.run == run
+    assert d.strength == 2.0  # the output pick's best amp over its train rows, all concepts pooled
+    assert [(p.concept, p.feature, p.strength) for p in d.presets] == [("beta", f2, 1.2), ("alpha", f1, 3.0)]
+    assert "90%" in d.presets[0].evidence and "unsteered: 0%" in d.presets[0].evidence
+    assert presets.feature_strength(lm, sae, d, f3, bank) == (2.0, d.reason)  # any feature: the layer's evaluated amp
+
+
+def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(parts, tmp_path):
+    lm, sae, bank = parts
+    d = presets.defaults(lm, sae, bank, roots=[tmp_path])
+    assert d.source == "calibration" and d.strength is None and "no evaluation" in d.reason
+    f, _ = word_features(lm, bank)[0]
+    write_run(tmp_path, lm, sae, [summary_row("alpha", "sae_output", f, 3.0, 0.6), summary_row("alpha", "unsteered", -1, 0.0, 0.0)],
+              [{"concept": "alpha", "method": "sae_output", "strength": 3.0, "split": "train", "combined": 0.5}], fresh=False)
+    d = presets.defaults(lm, sae, bank, roots=[tmp_path])
+    assert d.source == "calibration" and "other weights" in d.reason
+    for p in d.presets:  # fallback presets: the concept's output pick, whose top lens word is the concept itself
+        assert p.strength is None and presets.top_word(p.word) == p.word
+        assert p.word.rstrip("s") == p.concept.lower().rstrip("s") or p.word.startswith(p.concept.lower())
+
+
+def test_fallback_presets_are_concepts_whose_output_pick_says_them(parts):
+    lm, _, bank = parts
+    concepts = [w for w in sorted(set(WORDS)) if len(w) >= 4 and w.isalpha()]
+    got = presets.fallback_presets(bank, lm.tokenizer, concepts, n=10)
+    from saesteer.evaluation import candidates_for
+
+    by = {c.concept: c for c in candidates_for(concepts, lm.tokenizer, bank)}
+    for p in got:
+        assert by[p.concept].output_pick.feature == p.feature and p.word == p.concept
+    own = [c for c in concepts if by[c].output_pick is not None
+           and presets.top_word(lm.tokenizer.convert_ids_to_tokens(int(bank.top_ids[bank.row(by[c].output_pick.feature), 0]))) == c]
+    assert {p.concept for p in got} == set(own[:10]) or len(got) == 10
+    scores = [by[p.concept].output_pick.output_score for p in got]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_calibration_takes_the_smallest_fluent_amp_that_says_the_word():
+    texts = {2.0: "the sea is calm", 3.0: "an ocean of ocean of ocean of ocean", 4.0: "the ocean is deep and wide", 6.0: "ocean ocean"}
+    c = presets._choose(5, "ocean", texts)
+    assert c.ok and c.strength == 4.0 and "amp 4" in c.describe()  # 3.0 says it but loops (repetition > 0.5)
+    assert repetition(texts[3.0]) > 0.5
+    c = presets._choose(5, "ocean", {2.0: "the sea", 4.0: "calm"})
+    assert not c.ok and c.strength == presets.FALLBACK_STRENGTH and "no amp" in c.describe()
+
+
+def test_calibrate_runs_one_batch_and_caches(parts, monkeypatch):
+    lm, sae, bank = parts
+    presets.clear_cache()
+    calls = []
+    real = presets.generate
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "generate", counting)
+    (f1, w1), (f2, w2) = word_features(lm, bank)[:2]
+    first = presets.calibrate(lm, sae, [f1, f2], [w1, w2])
+    assert calls == [2 * len(presets.CALIBRATION_GRID)]
+    assert set(first[0].texts) == set(presets.CALIBRATION_GRID)
+    again = presets.calibrate(lm, sae, [f2], [w2])
+    assert calls == [2 * len(presets.CALIBRATION_GRID)] and again[0] == first[1]
+    # each grid row is what that amp gives alone (one seed per row)
+    alone = real(lm, presets.NEUTRAL_PROMPT, sae=sae, features=[f1], strengths=[3.0], max_new_tokens=presets.CALIBRATION_TOKENS,
+                 temperature=0.7, seed=[0])[0]
+    assert first[0].texts[3.0] == alone
+    with pytest.raises(Exception, match="one word per feature"):
+        presets.calibrate(lm, sae, [f1], [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real embedded model
+
+
+@pytest.mark.slow
+def test_presets_and_the_lab_default_say_their_word_without_looping():
+    """Issue 12's last target: the lab's default feature and every demo preset, at their default strength (as
+    the lab and the duel start: neutral prompt, temperature 0.7, seed 0, 32 new tokens), mention the feature's
+    top word with word-bigram repetition <= 0.5. Checked at the layer the app opens on."""
+    from saesteer.config import SaeSpec
+    from saesteer.features import FeatureData, bundled_dir
+    from saesteer.models import load_model
+    from saesteer.saes import list_bundled, load_sae
+    from saesteer.steering import generate
+
+    lm = load_model()
+    layer = list_bundled()[0]["layer"]  # the sidebar opens on the first bundled layer
+    sae = load_sae(SaeSpec(source="bundled", layer=layer), lm)
+    bank = FeatureBank.from_feature_data(FeatureData.load(bundled_dir(sae.id)))
+    d = presets.defaults(lm, sae, bank)
+    assert d.presets, f"no preset at layer {layer}: {d.reason}"
+    amps = [presets.preset_strength(lm, sae, d, p)[0] for p in d.presets]  # presets[0] is also the lab's default feature
+    feats = list(dict.fromkeys(p.feature for p in d.presets))
+    s = np.zeros((len(d.presets), len(feats)), dtype=np.float32)
+    for i, (p, a) in enumerate(zip(d.presets, amps)):
+        s[i, feats.index(p.feature)] = a
+    import torch
+
+    texts = generate(lm, [presets.NEUTRAL_PROMPT] * len(d.presets), sae=sae, features=feats, strengths=torch.from_numpy(s),
+                     max_new_tokens=32, temperature=0.7, seed=[0] * len(d.presets))
+    report = [(p.concept, p.feature, a, presets.mentions_word(t, p.word), round(repetition(t), 2), t) for p, a, t in zip(d.presets, amps, texts)]
+    for (concept, feature, amp, n, rep, text), p in zip(report, d.presets):
+        assert n >= 1 and rep <= presets.MAX_REPETITION, f"L{layer} preset {concept!r} (f{feature}, amp {amp:g}): {n}× {p.word!r}, repetition {rep}: {text!r}"
