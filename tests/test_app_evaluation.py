@@ -14,8 +14,7 @@ import pytest
 from test_app import XSS, app, no_exception, texts
 from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
 
-from saesteer import evaluation as evaluate
-from saesteer import paths
+from saesteer import evaluation as evaluate, paths
 from saesteer.evaluation import EvalResults, run_evaluation, run_progress
 from saesteer.ui import evaltables
 
@@ -240,3 +239,46 @@ def test_new_run_command_for_the_selected_sae():
                    "--features /c/f --n-concepts 30")
     assert evaltables.tokens_per_second(pd.DataFrame({"row_steps": [10, 30], "gen_seconds": [1.0, 1.0]})) == 20.0
     assert math.isnan(evaltables.tokens_per_second(pd.DataFrame()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature level
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory, tiny_lm, tiny_sae) -> Path:
+    from test_feature_level import PREFIXES as FL_PREFIXES
+    from test_feature_level import TINY as FL_TINY
+    from test_feature_level import _tiny_bank
+
+    from saesteer.evaluation.feature_level import FeatureLevelRun, write_feature_scores
+
+    out = tmp_path_factory.mktemp("flrun") / "features"
+    bank = _tiny_bank(tiny_lm, tiny_sae)
+    run = FeatureLevelRun(tiny_lm, tiny_sae, bank, out, FL_TINY, prefixes=FL_PREFIXES)
+    write_feature_scores(out, bank, run.features)
+    run.run()
+    return out
+
+
+def test_feature_level_run_shows_headline_curve_scatter_and_histogram(cache, feature_run, finished_run):
+    from saesteer.evaluation.feature_level import feature_summary, headline, load_feature_run
+
+    place(finished_run, cache)
+    place(feature_run, cache, RUN_SUBDIR / "features")
+    at = open_page()
+    assert not at.error, [e.value for e in at.error]
+    expected = headline(feature_summary(load_feature_run(cache / RUN_SUBDIR / "features").features))
+    assert expected.split(":")[0] in texts(at)
+    assert len(at.get("plotly_chart")) >= 3 + 4  # feature level (3) + the concept run's figures
+    thr = next(d.value for d in at.dataframe if "mean_above" in d.value.columns)
+    assert len(thr) == 14
+    # the concept-level table is still the concept-level run's, not the feature-level run's
+    assert any("n_concepts" in d.value.columns for d in at.dataframe)
+
+
+def test_a_damaged_feature_run_is_reported_and_the_page_stays_up(cache, feature_run):
+    dest = place(feature_run, cache, RUN_SUBDIR / "features")
+    next((dest / "units").glob("f*.parquet")).write_bytes(b"not parquet")
+    at = open_page()
+    assert any("could not be read" in w.value for w in at.warning)

@@ -506,8 +506,7 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
 def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from saesteer import evaluation as evaluate
-    from saesteer import paths
+    from saesteer import evaluation as evaluate, paths
 
     res, _, out, _ = tiny_run
     assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}

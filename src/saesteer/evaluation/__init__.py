@@ -31,7 +31,6 @@ from .concept_level import Evaluation, run_evaluation
 from .layout import (
     ASSETS_EVAL,
     PACKED_UNITS,
-    RESULTS_DIR,
     concept_runs,
     default_concepts,
     default_out_dir,

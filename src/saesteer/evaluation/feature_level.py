@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import paths
 from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError
 from ..models import LoadedModel
 from ..saes import LoadedSae
@@ -52,6 +53,8 @@ OUTPUT_THRESHOLDS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1,
 #: Input-score thresholds shown beside them (input scores are shares in [0, 1]).
 INPUT_THRESHOLDS = (1e-10, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 KS = (1, 5, 20)
+#: The headline states a verdict only with at least this many features on each side of the threshold.
+MIN_SIDE = 5
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
 
@@ -150,6 +153,14 @@ def success_counts(token_ids: Sequence[int], top_ids: Sequence[int], ks: Sequenc
     return out
 
 
+def continuation_text(tokenizer, prefix: str, new_ids: Sequence[int]) -> str:
+    """The text of ``new_ids`` generated after ``prefix``: decode(prefix ids + new ids) minus decode(prefix ids)."""
+    pre = list(tokenizer(prefix).input_ids)
+    head = tokenizer.decode(pre, skip_special_tokens=True)
+    full = tokenizer.decode(pre + list(new_ids), skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new_ids), skip_special_tokens=True)
+
+
 def retokenize(tokenizer, text: str) -> list[int]:
     """The paper's re-tokenisation of a continuation: its ids without BOS (no special tokens added)."""
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
@@ -224,7 +235,10 @@ class FeatureLevelRun:
         return out
 
     def _texts(self, rows: Sequence[_Row], ids: Sequence[Sequence[int]]) -> list[str]:
-        return [self.lm.tokenizer.decode(list(t), skip_special_tokens=True) for t in ids]
+        """Each continuation as the paper has it: the decoded prefix + continuation with the prefix's text cut
+        off, so that the leading space survives (a tokenizer may drop it when a continuation is decoded alone,
+        and the re-tokenised first token would then be another id)."""
+        return [continuation_text(self.lm.tokenizer, self.prefixes[r.prefix_idx], list(t)) for r, t in zip(rows, ids)]
 
     # -- the unsteered reference ------------------------------------------------------------------
 
@@ -477,7 +491,10 @@ def joint_table(table: pd.DataFrame) -> pd.DataFrame:
     ib = pd.cut(table["input_score"].astype(float), [-np.inf, 0, 0.1, 0.5, np.inf], labels=["0", "(0, 0.1]", "(0.1, 0.5]", "> 0.5"])
     ob = pd.cut(table["output_score"].astype(float), [-np.inf, 1e-3, 0.01, 0.1, np.inf], right=False,
                 labels=["< 1e-3", "[1e-3, 0.01)", "[0.01, 0.1)", ">= 0.1"])
-    return pd.crosstab(ib.rename("input score"), ob.rename("output score"), dropna=False)
+    t = pd.crosstab(ib.rename("input score"), ob.rename("output score"), dropna=False)
+    t.index = pd.Index([str(i) for i in t.index], name="input score")  # plain labels: tables of categoricals do not serialise
+    t.columns = pd.Index([str(c) for c in t.columns], name="output score")
+    return t
 
 
 def feature_summary(table: pd.DataFrame) -> dict:
@@ -511,8 +528,36 @@ def headline(summary: dict, threshold: float = 0.01) -> str:
     rho_in = summary["rho_input_score_success_20"]
     if not (t["n_above"] and t["n_below"]):
         return f"All {summary['n_features']} features fall on one side of output score {threshold:g}: the threshold claim cannot be tested here."
+    if min(t["n_above"], t["n_below"]) < MIN_SIDE:
+        return (f"Too few features to test the claim: {int(t['n_above'])} at or above output score {threshold:g} and "
+                f"{int(t['n_below'])} below (at least {MIN_SIDE} on each side are needed); mean success@20 {t['mean_above']:.2f} vs "
+                f"{t['mean_below']:.2f}; Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
     holds = t["mean_above"] > t["mean_below"] and (rho > 0 if math.isfinite(rho) else False)
     verdict = "holds" if holds else "does not hold"
     return (f"The feature-level claim {verdict} on this run: features with output score >= {threshold:g} reach mean success@20 "
             f"{t['mean_above']:.2f} (n={int(t['n_above'])}) against {t['mean_below']:.2f} (n={int(t['n_below'])}) below; "
             f"Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reader API of the shipped results (used by other parts of the app, e.g. presets and default strengths)
+
+
+def shipped_dir(sae_id: str, model_name: str | None = None) -> Path:
+    """Where the feature-level results of a bundled SAE are shipped: ``assets/eval/results/<model>/<sae id>/features``."""
+    from ..config import EMBEDDED_MODEL
+
+    return paths.EVAL_RESULTS / (model_name or EMBEDDED_MODEL) / sae_id / layout.FEATURES_SUBDIR
+
+
+def load_shipped(sae_id: str, model_name: str | None = None) -> FeatureRun | None:
+    """The shipped feature-level run of ``sae_id`` (finished or partial), or None when none is shipped."""
+    d = shipped_dir(sae_id, model_name)
+    if not (d / "meta.json").exists():
+        return None
+    return load_feature_run(d)
+
+
+def best_amp_of(run: FeatureRun) -> dict[int, float]:
+    """Feature -> its best paper-mode amp in ``run`` (only the features the run steered)."""
+    return {int(f): float(a) for f, a in zip(run.features["feature"], run.features["best_amp"])}

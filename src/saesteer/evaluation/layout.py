@@ -30,7 +30,7 @@ ASSETS_EVAL = EVAL_ASSETS
 #: ``<model>/<sae id>/features/`` (feature level).
 RESULTS_DIR = paths.EVAL_RESULTS
 #: The paper's 50 neutral prefixes of the feature-level experiment.
-PAPER_PREFIXES = ASSETS_EVAL / "paper_prefixes.txt"
+PAPER_PREFIXES = EVAL_ASSETS / "paper_prefixes.txt"
 #: A packed run (:func:`saesteer.evaluation.results.pack_results`) keeps its unit records in one file instead of ``units/``.
 PACKED_UNITS = "units.parquet"
 FEATURES_SUBDIR = "features"

@@ -118,3 +118,64 @@ def write_report(results: EvalResults, out: str | Path) -> None:
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     head = f"<h1>Steering evaluation: {html.escape(str(results.meta.get('sae_id')))} ({html.escape(str(results.meta.get('model')))})</h1>"
     (out / "report.html").write_text("<html><head><meta charset='utf-8'></head><body>" + head + table.to_html(index=False, float_format="%.3f") + "".join(parts) + "</body></html>")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature level
+
+
+def fig_threshold_curve(summary: dict):
+    """The paper's threshold curve: mean success@20 of features at or above each output-score threshold (and
+    below it), with the input-score curve beside it."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("by output score", "by input score"))
+    for col, key in ((1, "thresholds_output"), (2, "thresholds_input")):
+        t = summary.get(key)
+        if t is None or t.empty:
+            continue
+        for side, color in (("above", "#d62728"), ("below", "#1f77b4")):
+            fig.add_trace(go.Scatter(
+                x=t["threshold"], y=t[f"mean_{side}"], mode="lines+markers", name=f"score >= t" if side == "above" else "score < t",
+                legendgroup=side, showlegend=col == 1, line_color=color,
+                error_y=dict(type="data", array=t[f"sem_{side}"].fillna(0)),
+                customdata=t[f"n_{side}"], hovertemplate="t=%{x:.0e}: %{y:.2f} (n=%{customdata})<extra></extra>"), row=1, col=col)
+    fig.update_xaxes(type="log", title_text="threshold t")
+    fig.update_yaxes(title_text="mean success@20 at the best amp", row=1, col=1)
+    fig.update_layout(height=360, margin=dict(l=50, r=20, t=40, b=40))
+    return fig
+
+
+def fig_success_scatter(table: pd.DataFrame, k: int = 20):
+    """Success@k at the best amp against output score (log axis), coloured by input score."""
+    import plotly.graph_objects as go
+
+    t = table.copy()
+    x = t["output_score"].clip(lower=1e-12)
+    fig = go.Figure(go.Scatter(
+        x=x, y=t[f"success_{k}"], mode="markers",
+        marker=dict(color=t["input_score"].fillna(-0.1), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="input score"), size=8),
+        customdata=np.stack([t["feature"], t["best_amp"], t["input_score"].fillna(np.nan)], axis=1),
+        hovertemplate="feature %{customdata[0]} · best amp %{customdata[1]}<br>output %{x:.2e} · input %{customdata[2]:.2f}"
+                      "<br>success@" + str(k) + " %{y:.2f}<extra></extra>"))
+    fig.update_xaxes(type="log", title_text="output score")
+    fig.update_yaxes(title_text=f"success@{k} at the best amp")
+    fig.update_layout(height=380, margin=dict(l=50, r=20, t=30, b=40))
+    return fig
+
+
+def fig_best_amp(tables: dict[str, pd.DataFrame]):
+    """Histogram of the best amp, one bar group per run (layer)."""
+    import plotly.graph_objects as go
+
+    from ..plots import esc
+
+    fig = go.Figure()
+    amps = sorted({float(a) for t in tables.values() for a in t["best_amp"]})
+    for name, t in tables.items():
+        counts = t["best_amp"].value_counts()
+        fig.add_trace(go.Bar(x=[f"{a:g}" for a in amps], y=[int(counts.get(a, 0)) for a in amps], name=esc(name)))
+    fig.update_layout(barmode="group", height=320, xaxis_title="best amp", yaxis_title="features",
+                      margin=dict(l=50, r=20, t=30, b=40))
+    return fig

@@ -19,8 +19,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from ... import evaluation as evaluate
-from ... import paths
+from ... import evaluation as evaluate, paths
 from .. import evaltables as et
 from .. import loaders
 from ..context import AppContext
@@ -94,8 +93,13 @@ def _valid(key: str, options: list, multi: bool = False) -> None:
 
 def render(ctx: AppContext) -> None:
     st.title("Evaluation")
+    from ..feature_eval import render_feature_level
+
+    render_feature_level()
+    st.divider()
+    st.subheader("Concept level")
     st.caption(PROTOCOL)
-    runs = [_entry(p) for p in evaluate.list_runs()]
+    runs = [_entry(p) for p in evaluate.concept_runs()]
     if not runs:
         _empty_state(ctx)
         return
