@@ -5,7 +5,12 @@
 1. output score: one-forward-per-feature reference vs the batched KV-cache path (time per feature, ratio);
 2. achieved GFLOP/s of the batched pass next to a plain fp32 matmul measured in the same run;
 3. activation pass tokens/s next to a bare model forward over the same sequences;
-4. peak RSS after scoring every feature; size and load time of the resulting FeatureData.
+4. peak RSS after scoring every feature; size and load time of the resulting FeatureData;
+5. (``--part ratios``, also in ``all``) the issue-16 targets: the logit lens of every feature against the plain
+   matmul of the same shape (4096 × 640 × 262144 in the lens' own 256-row blocks, each block timed next to the
+   lens of that block), and the whole CLI run ``scores --layer L --all --only output --no-cache`` (a subprocess,
+   model load included) against the reference (one full forward per feature, measured on ``--ref-features``
+   features half before and half after the CLI run, extrapolated per feature to the whole SAE).
 
 Uses a bundled SAE when one exists, else a random-direction TopK SAE of width 4096 (it says which).
 """
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", type=int, default=32, help="sequences of 128 tokens per activation-pass batch")
     ap.add_argument("--batches", type=int, default=8, help="activation-pass batches; the second half (past the first 100 sequences, once the top-100 buffers are full) is the steady state")
     ap.add_argument("--batch-size", type=int, default=ScoreParams().batch_size, help="features per forward of the output score")
-    ap.add_argument("--part", choices=["all", "output", "activations"], default="all", help="run only one half")
+    ap.add_argument("--part", choices=["all", "output", "activations", "ratios", "lens-ratio", "cli-ratio"], default="all",
+                    help="run only one part (ratios = lens-ratio + cli-ratio)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     params = ScoreParams(batch_size=args.batch_size)
     print(f"rss after load: {rss_gb():.2f} GB")
 
+    if args.part in ("all", "ratios", "lens-ratio", "cli-ratio"):
+        bench_ratios(lm, sae, params, args.ref_features, lens=args.part != "cli-ratio", cli=args.part != "lens-ratio")
+    if "ratio" in args.part:
+        return 0
     if args.part != "activations":
         lens, out = bench_output_scores(lm, sae, params, args.ref_features)
     if args.part != "output":
@@ -99,6 +109,54 @@ def main(argv: list[str] | None = None) -> int:
         bench_feature_data(lm, lens, out, stats, bool(bundled))
     print(f"peak RSS overall: {rss_gb():.2f} GB")
     return 0
+
+
+def bench_ratios(lm, sae, params, ref_features: int, lens: bool = True, cli: bool = True) -> None:
+    """Logit lens vs its matmul, block by block; the CLI run vs the reference, extrapolated per feature."""
+    if lens:
+        bench_lens_ratio(lm, sae, params)
+    if cli:
+        bench_cli_ratio(lm, sae, params, ref_features)
+
+
+def bench_lens_ratio(lm, sae, params) -> None:
+    from saesteer.scores import _wide
+
+    w = lm.lm_head.weight
+    blocks = np.array_split(np.arange(sae.width), max(1, sae.width // 256))
+    logit_lens(lm, sae, k=params.top_k, features=blocks[0])  # warm-up
+    t_lens = t_mm = 0.0
+    for block in blocks:
+        t_lens += timed(lambda b=block: logit_lens(lm, sae, k=params.top_k, features=b))[0]
+        h = lm.final_norm(sae.directions(torch.from_numpy(block)).to(lm.device, lm.dtype))
+        with torch.no_grad():
+            t_mm += timed(lambda h=h: _wide(h @ w.T))[0]
+    print(f"logit lens, all {sae.width} features: {t_lens:.1f} s; plain matmul {sae.width} x {lm.d_model} x {lm.vocab_size} in the same "
+          f"blocks: {t_mm:.1f} s -> lens / matmul {t_lens / t_mm:.2f}x (target <= 2x)")
+
+
+def bench_cli_ratio(lm, sae, params, ref_features: int) -> None:
+    import os
+    import subprocess
+
+    spread = np.linspace(0, sae.width - 1, max(ref_features, 2)).astype(int)
+    output_score_reference(lm, sae, int(spread[0]), params)  # warm-up
+    ref_t = [timed(lambda f=int(f): output_score_reference(lm, sae, f, params))[0] for f in spread[: len(spread) // 2]]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    cmd = [sys.executable, "-m", "saesteer", "scores", "--layer", str(sae.layer), "--all", "--only", "output", "--no-cache"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True)
+    t_cli = time.perf_counter() - start
+    print(f"CLI run done: {t_cli:.1f} s", flush=True)
+    if done.returncode != 0:
+        print(f"CLI run failed ({done.returncode}): {done.stderr[-500:]}")
+        return
+    ref_t += [timed(lambda f=int(f): output_score_reference(lm, sae, f, params))[0] for f in spread[len(spread) // 2 :]]
+    per_ref = float(np.median(ref_t))
+    print(f"CLI `{' '.join(cmd[1:])}`: {t_cli:.1f} s end to end ({t_cli / sae.width * 1e3:.1f} ms/feature, model load included)")
+    print(f"reference (logit lens + one full forward per feature): median {per_ref * 1e3:.0f} ms/feature over {len(ref_t)} features "
+          f"(range {min(ref_t) * 1e3:.0f}-{max(ref_t) * 1e3:.0f}), x {sae.width} = {per_ref * sae.width:.0f} s extrapolated "
+          f"-> CLI run {per_ref * sae.width / t_cli:.1f}x faster than the reference (target >= 30x)")
 
 
 def bench_output_scores(lm, sae, params, ref_features: int):

@@ -149,7 +149,6 @@ def test_presets_and_the_lab_default_say_their_word_without_looping():
     the lab and the duel start: neutral prompt, temperature 0.7, seed 0, 32 new tokens), mention the feature's
     top word with word-bigram repetition <= 0.5. Checked at the layer the app opens on."""
     from saesteer.config import SaeSpec
-    from saesteer.config import EMBEDDED_MODEL
     from saesteer.features import FeatureData
     from saesteer.paths import bundled_feature_dir
     from saesteer.models import load_model
@@ -159,7 +158,7 @@ def test_presets_and_the_lab_default_say_their_word_without_looping():
     lm = load_model()
     layer = list_bundled()[0]["layer"]  # the sidebar opens on the first bundled layer
     sae = load_sae(SaeSpec(source="bundled", layer=layer), lm)
-    bank = FeatureBank.from_feature_data(FeatureData.load(bundled_feature_dir(EMBEDDED_MODEL, sae.id)))
+    bank = FeatureBank.from_feature_data(FeatureData.load(bundled_feature_dir(lm.name, sae.id)))
     d = presets.defaults(lm, sae, bank)
     assert d.presets, f"no preset at layer {layer}: {d.reason}"
     amps = [presets.preset_strength(lm, sae, d, p)[0] for p in d.presets]  # presets[0] is also the lab's default feature

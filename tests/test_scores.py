@@ -69,7 +69,7 @@ def test_rank_cap_keeps_best_rank_exact(tiny_lm, tiny_sae):
     assert (capped.min_rank >= 3).any()
 
 
-@pytest.mark.parametrize("n_far", [1, 6])  # few far rows are gathered, many are counted in one pass
+@pytest.mark.parametrize("n_far", [1, 6, 8])  # rows past the cap need no top-cap logits; all of them: none at all
 def test_ranks_and_probs_equal_brute_force(n_far):
     torch.manual_seed(n_far)
     logits = torch.randn(8, 5000)
@@ -289,3 +289,36 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, monkeypatch, capsys, extra
     assert _cli(argv, monkeypatch, tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # model loading may draw a progress bar above
     assert err.startswith("error: ") and needle in err
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("shape,k", [((6, 256 * 200), 20), ((3, 256 * 160), 20), ((4, 1000), 5), ((5, 256 * 8 * 30), 30)])
+def test_topk_rows_equals_topk(shape, k, largest):
+    """The group screen gives topk's values exactly (same order) and the same indices wherever values differ;
+    rounded values make exact ties, where any of the tied indices is right."""
+    torch.manual_seed(k)
+    x = torch.randn(*shape)
+    x[0] = torch.round(x[0] * 4) / 4  # many exact ties in one row
+    x[1, 7] = x[1, 300] = x[1].max() + 1 if largest else x[1].min() - 1  # a tie at the very top
+    values, idx = scores.topk_rows(x, k, largest=largest)
+    ref_values, ref_idx = x.topk(k, dim=1, largest=largest)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(x.gather(1, idx), values)  # each index points at its value
+    assert all(len(set(r.tolist())) == k for r in idx)  # k distinct entries
+    untied = torch.ones_like(x[:, :k], dtype=torch.bool)
+    for r in range(shape[0]):
+        counts = {v: int((x[r] == v).sum()) for v in values[r].tolist()}
+        untied[r] = torch.tensor([counts[v] == 1 for v in values[r].tolist()])
+    assert torch.equal(idx[untied], ref_idx[untied])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_count_greater_equals_brute_force(dtype):
+    torch.manual_seed(1)
+    x = torch.round(torch.randn(70, 3000, dtype=dtype) * 8) / 8  # ties with the threshold
+    x[3, :5] = float("nan")
+    t = x[:, :1].clone()
+    t[5] = float("inf")
+    t[6] = -float("inf")
+    got = scores.count_greater(x, t, block=16)
+    assert torch.equal(got, (x > t).sum(dim=1))

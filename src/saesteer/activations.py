@@ -160,7 +160,12 @@ class _Accumulator:
         if rows.numel() == 0:
             return
         cand = cand[rows]  # (r, B)
-        _, order = torch.cat([self.acts[rows], cand], dim=1).topk(self.n, dim=1)  # (r, N)
+        # keep the best N by (activation desc, sequence asc): a total order, so that the top-N of a corpus is
+        # the same however it is split into batches or shards (see merge_stats); topk alone breaks ties arbitrarily
+        pool = torch.cat([self.acts[rows], cand], dim=1)  # (r, N + B)
+        pool_seq = torch.cat([self.seq[rows], seq_ids[None, :].expand(len(rows), B)], dim=1)
+        by_seq = pool_seq.argsort(dim=1, stable=True)
+        order = by_seq.gather(1, pool.gather(1, by_seq).argsort(dim=1, descending=True, stable=True)[:, : self.n])  # (r, N)
         kept = torch.zeros(rows.numel(), self.n + B, dtype=torch.bool, device=vals.device).scatter_(1, order, True)
         # per row, #evicted old slots == #entering candidates; nonzero() is row-major, so the two lists pair up
         r_out, slot = (~kept[:, : self.n]).nonzero(as_tuple=True)
@@ -317,9 +322,13 @@ def activation_pass(
     window: int = WINDOW,
     after: int = AFTER,
     progress: Progress | None = None,
+    first_sequence: int = 0,
 ) -> list[ActivationStats]:
     """Run the model over token-id ``sequences`` (BOS first, as ``corpus.pack_sequences`` makes them) and
-    collect :class:`ActivationStats` for every SAE in ``saes``; stops after ``n_tokens`` non-BOS tokens."""
+    collect :class:`ActivationStats` for every SAE in ``saes``; stops after ``n_tokens`` non-BOS tokens.
+
+    ``first_sequence``: the index of the first sequence in the whole corpus, when this is one shard of it
+    (contexts record global sequence indices, so that shards merge with :func:`merge_stats`)."""
     _check_saes(saes)
     layers = sorted({s.layer for s in saes})
     accs = [_Accumulator(s.width, top_n, window, after, lm.device) for s in saes]
@@ -332,12 +341,58 @@ def activation_pass(
         labels = labels.to(lm.device)
         with lm.lock, capture_residuals(lm, layers, stop=True) as resid:
             run_until_stop(lambda ids=ids, mask=mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False))
-        seq_ids = torch.arange(first, first + len(ids), device=lm.device)
+        seq_ids = torch.arange(first_sequence + first, first_sequence + first + len(ids), device=lm.device)
         for sae, acc in zip(saes, accs):
             _accumulate(sae, acc, resid[sae.layer], labels, seq_ids)
         if progress:
             progress(accs[0].n_tokens, n_tokens)
     return [acc.result(s.id, s.layer) for s, acc in zip(saes, accs)]
+
+
+def merge_stats(a: ActivationStats, b: ActivationStats) -> ActivationStats:
+    """The statistics of two disjoint parts of one corpus (sequence indices global, e.g. two shards of
+    :func:`activation_pass` with their ``first_sequence``), exactly as one pass over both computes them: counts
+    and histograms add, maxima take the larger, and the top-N contexts are the best N of both by (activation
+    descending, sequence ascending), the order one pass keeps. Associative and commutative."""
+    if (a.sae_id, a.layer, a.width) != (b.sae_id, b.layer, b.width):
+        raise ValueError(f"cannot merge statistics of different SAEs: {a.sae_id!r} (width {a.width}) and {b.sae_id!r} (width {b.width})")
+    if a.top_acts.shape[1:] != b.top_acts.shape[1:] or a.win_tokens.shape[1:] != b.win_tokens.shape[1:]:
+        raise ValueError(f"cannot merge statistics kept with different top-N or window sizes: {a.win_tokens.shape[1:]} vs {b.win_tokens.shape[1:]}")
+    if not np.array_equal(a.hist_edges, b.hist_edges):
+        raise ValueError("cannot merge statistics with different histogram bins")
+    shared = np.intersect1d(a.top_seq[a.top_seq >= 0], b.top_seq[b.top_seq >= 0])
+    if len(shared):
+        raise ValueError(f"the two parts share sequence {int(shared[0])}: merge statistics of disjoint shards only")
+    n = a.top_acts.shape[1]
+    seq = np.concatenate([a.top_seq, b.top_seq], axis=1)  # (d, 2N)
+    act = np.concatenate([a.top_acts, b.top_acts], axis=1)
+    empty = seq < 0
+    primary = np.where(empty, np.inf, -act.astype(np.float64))
+    secondary = np.where(empty, np.iinfo(np.int64).max, seq)
+    order = np.lexsort((secondary, primary), axis=1)[:, :n]  # (d, N)
+
+    def pick(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        both = np.concatenate([x, y], axis=1)
+        idx = order if both.ndim == 2 else order[..., None]
+        return np.take_along_axis(both, idx, axis=1)
+
+    return ActivationStats(
+        sae_id=a.sae_id,
+        layer=a.layer,
+        n_tokens=a.n_tokens + b.n_tokens,
+        n_sequences=a.n_sequences + b.n_sequences,
+        fire_count=a.fire_count + b.fire_count,
+        max_activation=np.maximum(a.max_activation, b.max_activation),
+        hist_edges=a.hist_edges.copy(),
+        hist_counts=a.hist_counts + b.hist_counts,
+        top_acts=pick(a.top_acts, b.top_acts),
+        top_seq=pick(a.top_seq, b.top_seq),
+        top_pos=pick(a.top_pos, b.top_pos),
+        top_token=pick(a.top_token, b.top_token),
+        win_start=pick(a.win_start, b.win_start),
+        win_tokens=pick(a.win_tokens, b.win_tokens),
+        win_acts=pick(a.win_acts, b.win_acts),
+    )
 
 
 ResidualBatch = tuple[np.ndarray | torch.Tensor, dict[int, np.ndarray | torch.Tensor]]

@@ -171,3 +171,38 @@ class TrainParams:
             raise ConfigError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
         if self.epochs <= 0:
             raise ConfigError("epochs must be positive")
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """Where and how the tasks run."""
+
+    address: str | None = None
+    """A running cluster's address (``HOST:PORT`` of ``ray start --head``, ``ray://HOST:PORT`` or ``auto``); None
+    starts a local cluster on this machine."""
+    num_cpus: int | None = None
+    """CPUs of a local cluster (None: all of this machine's)."""
+    cpus_per_task: float = 1.0
+    """CPUs each task reserves (and the torch threads it uses)."""
+    gpus_per_task: float | None = None
+    """GPUs each task reserves; None: 1 when the cluster has GPUs, else 0."""
+    max_retries: int = 3
+    """Times Ray reruns a task whose worker died (0: fail at once; the job can be rerun to resume)."""
+    shard_sequences: int = 512
+    """Corpus sequences per activation-pass task (rounded up to a multiple of the pass's batch)."""
+    group_width: int = 65536
+    """At most this many SAE latents (summed over SAEs) per activation-pass task, to bound a worker's memory."""
+
+    def __post_init__(self) -> None:
+        if self.address is not None and not self.address.strip():
+            raise ConfigError("--ray ADDRESS: the address is empty; give HOST:PORT, ray://HOST:PORT, auto, or nothing for a local cluster")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"the local Ray cluster needs at least 1 CPU, got {self.num_cpus}")
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"cpus_per_task must be positive, got {self.cpus_per_task}")
+        if self.gpus_per_task is not None and self.gpus_per_task < 0:
+            raise ConfigError(f"gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.shard_sequences < 1 or self.group_width < 1:
+            raise ConfigError("shard_sequences and group_width must be >= 1")

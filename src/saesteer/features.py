@@ -403,6 +403,49 @@ def _output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int
                              added, vocab_size, rank_cap)
 
 
+def _score_part(params: ScoreParams) -> dict:
+    return {"prompt": params.prompt, "amp": params.amp, "top_k": params.top_k, "rank_cap": DETAIL_RANK_CAP}
+
+
+def _act_part(corpus_fp: str | None, top_n: int, window: int, after: int) -> dict:
+    return {"corpus": corpus_fp, "top_n": top_n, "window": window, "after": after, "bins": HIST_EDGES.tolist()}
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    """Store keys of one SAE's cached results (see :func:`cache_keys`)."""
+
+    lens: str
+    """``lens.npz``: the logit lens of every feature."""
+    output: str
+    """``output/<start>-<stop>.npz``: output scores in chunks of OUTPUT_CHUNK features."""
+    activations: str
+    """``activations.npz``: the activation statistics of the corpus pass."""
+    full: str
+    """The assembled FeatureData (what shipped data records as ``meta.key``)."""
+
+
+def cache_keys(
+    model_fp: str,
+    sae_fp: str,
+    params: ScoreParams,
+    corpus_fp: str | None = None,
+    only: str = "all",
+    top_n: int = TOP_N,
+    window: int = WINDOW,
+    after: int = AFTER,
+) -> CacheKeys:
+    """The keys under which :func:`compute_many` caches the results for one model and SAE: the one home of
+    what each result depends on, shared with the distributed runner (:mod:`saesteer.distributed`)."""
+    score_part, act_part = _score_part(params), _act_part(corpus_fp, top_n, window, after)
+    return CacheKeys(
+        lens=store_mod.make_key("lens", model_fp, sae_fp, params.top_k),
+        output=store_mod.make_key("output", model_fp, sae_fp, score_part),
+        activations=store_mod.make_key("activations", model_fp, sae_fp, act_part),
+        full=store_mod.make_key("features", model_fp, sae_fp, score_part, act_part, only),
+    )
+
+
 def compute_many(
     lm: LoadedModel,
     saes: Sequence[LoadedSae],
@@ -455,11 +498,10 @@ def compute_many(
         if not seqs:
             raise ValueError("the corpus yielded no tokens")
         corpus_fp = store_mod.tokens_fingerprint(seqs)
-    score_part = {"prompt": params.prompt, "amp": params.amp, "top_k": params.top_k, "rank_cap": DETAIL_RANK_CAP}
-    act_part = {"corpus": corpus_fp, "top_n": top_n, "window": window, "after": after, "bins": HIST_EDGES.tolist()}
+    score_part, act_part = _score_part(params), _act_part(corpus_fp, top_n, window, after)
 
     def full_key(s: LoadedSae) -> str:
-        return store_mod.make_key("features", fp_model, fps[s.id], score_part, act_part, only)
+        return cache_keys(fp_model, fps[s.id], params, corpus_fp, only, top_n, window, after).full
 
     results: dict[str, FeatureData] = {}
     if use_bundled and only == "all" and cache:
@@ -471,7 +513,7 @@ def compute_many(
     todo = [s for s in saes if s.id not in results]
     stats: dict[str, ActivationStats] = {}
     if only != "output" and todo:
-        keys = {s.id: store_mod.make_key("activations", fp_model, fps[s.id], act_part) for s in todo}
+        keys = {s.id: cache_keys(fp_model, fps[s.id], params, corpus_fp, only, top_n, window, after).activations for s in todo}
         missing = []
         for s in todo:
             a = store.load_arrays(keys[s.id], "activations.npz")
@@ -493,7 +535,7 @@ def compute_many(
 
     for s in todo:
         feats = np.arange(s.width, dtype=np.int64) if features is None else np.asarray(features, dtype=np.int64)
-        lens_key = store_mod.make_key("lens", fp_model, fps[s.id], params.top_k)
+        lens_key = cache_keys(fp_model, fps[s.id], params, corpus_fp, only, top_n, window, after).lens
         cached = store.load_arrays(lens_key, "lens.npz")
         if cached is not None and len(cached["features"]) == s.width:
             lens = LogitLens(cached["features"], cached["top_ids"], cached["top_logits"], cached["bottom_ids"], cached["bottom_logits"])
@@ -551,7 +593,7 @@ def compute_feature_data(
 def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae, score_part, progress) -> OutputScoreResult:
     """Computed and saved in chunks of OUTPUT_CHUNK features (the unit of resumption). For a subset of the
     features, complete chunks already in the cache are reused and the rest is computed without saving."""
-    key = store_mod.make_key("output", fp_model, fp_sae, score_part)
+    key = cache_keys(fp_model, fp_sae, params).output
     batch = ScoreParams(params.prompt, params.amp, params.top_k, min(params.batch_size, OUTPUT_CHUNK))
     all_feats = np.arange(sae.width, dtype=np.int64)
     if len(feats) == sae.width and np.array_equal(feats, all_feats):

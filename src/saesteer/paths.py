@@ -12,7 +12,10 @@ model converted once), ``features/`` (the scoring pipeline's intermediate result
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import re
 from pathlib import Path
 
 #: The cache root (default ``~/.cache/saesteer``).
@@ -83,3 +86,24 @@ def fixture_mode() -> str | None:
     """'tiny' when ``$SAESTEER_TEST_FIXTURE`` asks for the tiny test model, else None."""
     value = os.environ.get(FIXTURE_ENV, "").strip().lower()
     return value or None
+
+
+def slug(text: str) -> str:
+    """A folder name for any text (a model or SAE id): its safe characters, then a hash that keeps it unique."""
+    clean = re.sub(r"[^\w.-]+", "_", text).strip("_")[:60]
+    return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def app_feature_dir(model_name: str, sae_id: str, sae_fingerprint: str) -> Path:
+    """Feature data computed for an SAE, keyed by its weights: the app's background job and ``scores --layers /
+    --release`` save here, the app reads here."""
+    return app_features_cache() / slug(model_name) / f"{slug(sae_id)}-{sae_fingerprint}"
+
+
+def latest_app_feature_dir(model_name: str, sae_id: str) -> Path | None:
+    """The most recently written :func:`app_feature_dir` of ``sae_id`` (whatever its weights), or None: for views
+    that list many SAEs without loading each one's weights (the Layers overview)."""
+    base = app_features_cache() / slug(model_name)
+    found = [(p.stat().st_mtime, p.parent) for p in base.glob(f"{glob.escape(slug(sae_id))}-*/meta.json")
+             if not p.parent.name.endswith("-subset")]
+    return max(found)[1] if found else None

@@ -7,6 +7,7 @@ that records, per SAE, its id, layer, width, hook, directory and quality metrics
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,3 +203,46 @@ def check_fits(loaded: LoadedSae, lm: LoadedModel) -> None:
         )
     if not 0 <= loaded.layer < lm.n_layers:
         raise SaeLoadError(f"SAE '{loaded.id}' hooks layer {loaded.layer}, but the model has layers 0..{lm.n_layers - 1}")
+
+
+def select(model_name: str = EMBEDDED_MODEL, layers: Sequence[int] | None = None, release: str | None = None,
+           pattern: str | None = None) -> list[SaeSpec]:
+    """The SAEs a many-SAE job covers, in layer order: bundled SAEs at ``layers``, or the SAEs of a sae-lens
+    ``release`` whose ids match the shell ``pattern`` and/or whose layer is in ``layers``. Needs no network
+    (sae-lens' packaged directory). Refuses a selection that is empty or names layers with no SAE."""
+    import fnmatch
+    import re
+
+    if release is None:
+        if pattern is not None:
+            raise SaeLoadError("--ids PATTERN selects SAEs of a release: give --release too (e.g. --release gemma-scope-2-270m-pt-res-all)")
+        if not layers:
+            raise SaeLoadError("give --layers (bundled SAEs) or --release R with --ids PATTERN and/or --layers")
+        entries = list_bundled(model_name)
+        have = sorted({int(e["layer"]) for e in entries})
+        missing = [layer for layer in layers if layer not in have]
+        if missing:
+            raise SaeLoadError(f"no bundled SAE for {model_name} at layer(s) {', '.join(map(str, missing))}; bundled layers: "
+                               f"{', '.join(map(str, have)) or 'none'} (other layers: --release with a sae-lens release)")
+        chosen = sorted((e for e in entries if int(e["layer"]) in set(layers)), key=lambda e: (int(e["layer"]), e["id"]))
+        return [SaeSpec(source="bundled", sae_id=e["id"], layer=int(e["layer"])) for e in chosen]
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        close = [r for r in directory if release.split("-")[0] in r][:8]
+        raise SaeLoadError(f"unknown sae-lens release {release!r}; some known ones: {', '.join(close) or ', '.join(list(directory)[:8])}")
+    ids = list(directory[release].saes_map)
+
+    def layer_of(sae_id: str) -> int | None:
+        m = re.search(r"(?:^|[_./-])(?:layer|blocks?|l)[_.]?(\d+)", sae_id)
+        return int(m.group(1)) if m else None
+
+    chosen = [i for i in ids if pattern is None or fnmatch.fnmatchcase(i, pattern)]
+    if layers:
+        chosen = [i for i in chosen if layer_of(i) in set(layers)]
+    if not chosen:
+        what = " and ".join(x for x in (f"ids matching {pattern!r}" if pattern else "", f"layers {list(layers)}" if layers else "") if x)
+        raise SaeLoadError(f"release {release!r} has no SAE with {what or 'any id'}; its ids look like {', '.join(ids[:4])}")
+    chosen.sort(key=lambda i: (layer_of(i) if layer_of(i) is not None else 10**9, i))
+    return [SaeSpec(source="release", release=release, sae_id=i) for i in chosen]

@@ -123,8 +123,8 @@ def logit_lens(
         chunk = feats[start : start + batch]
         dirs = sae.directions(torch.from_numpy(chunk)).to(lm.device, lm.dtype)  # (b, d_model)
         logits = _wide(lm.unembed(dirs))  # (b, vocab)
-        tv, ti = logits.topk(k, dim=-1)
-        bv, bi = logits.topk(k, dim=-1, largest=False)
+        tv, ti = topk_rows(logits, k)
+        bv, bi = topk_rows(logits, k, largest=False)
         sl = slice(start, start + len(chunk))
         top_ids[sl], top_logits[sl] = ti.cpu().numpy(), tv.cpu().numpy()
         bot_ids[sl], bot_logits[sl] = bi.cpu().numpy(), bv.cpu().numpy()
@@ -132,6 +132,44 @@ def logit_lens(
         if progress:
             progress(min(start + batch, n), n)
     return LogitLens(feats, top_ids, top_logits, bot_ids, bot_logits)
+
+
+#: Row width of the groups :func:`topk_rows` screens by their maxima.
+TOPK_GROUP = 256
+
+
+def topk_rows(x: torch.Tensor, k: int, largest: bool = True, group: int = TOPK_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=1, largest=largest)`` of a wide (rows, n) matrix, without sorting each whole row: the
+    row is cut into groups of ``group`` columns, and the top k lie in the k groups with the largest maxima (a
+    group holding a top-k element has a max at least that element; fewer than k groups can have a larger one).
+    Exactly the same values in the same order as ``topk``; indices differ only among exactly equal values
+    (where ``topk`` itself promises no order). A plain ``topk`` where the shape does not allow the screen."""
+    rows, n = x.shape
+    if n % group or n < 8 * k * group or x.device.type != "cpu":
+        return x.topk(k, dim=1, largest=largest)
+    g = x.view(rows, n // group, group)  # (rows, groups, group)
+    extreme = g.amax(2) if largest else g.amin(2)  # (rows, groups)
+    chosen = extreme.topk(k, dim=1, largest=largest).indices.sort(dim=1).values  # (rows, k), ascending
+    cand = g.gather(1, chosen[:, :, None].expand(rows, k, group)).reshape(rows, k * group)
+    values, j = cand.topk(k, dim=1, largest=largest)
+    return values, chosen.gather(1, j // group) * group + j % group
+
+
+def count_greater(x: torch.Tensor, threshold: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Per row of x (rows, n): how many entries are strictly greater than ``threshold`` (rows, 1), as int64.
+
+    ``(x > t).sum(1)`` is the obvious form; on a CPU torch sums a boolean matrix ~10x slower than it writes
+    the comparison into a float buffer and sums that (exact: counts stay far below 2^24), so that is done here,
+    ``block`` rows at a time to bound the buffer."""
+    if x.device.type != "cpu":
+        return (x > threshold).sum(dim=1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    buf = torch.empty(min(block, x.shape[0]), x.shape[1], dtype=torch.float32)
+    for a in range(0, x.shape[0], block):
+        b = min(a + block, x.shape[0])
+        part = torch.gt(x[a:b], threshold[a:b], out=buf[: b - a])
+        out[a:b] = part.sum(dim=1).round().long()
+    return out
 
 
 def token_strings(lm: LoadedModel, ids: Sequence[int] | np.ndarray, mark_spaces: bool = False) -> list[str]:
@@ -186,17 +224,15 @@ def _ranks_and_probs(logits: torch.Tensor, t_ids: torch.Tensor, cap: int) -> tup
     lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (b, 1)
     probs = (t_logits - lse).exp()
     cap = min(cap, logits.shape[1])
-    top_vals = logits.topk(cap, dim=1).values  # (b, cap), descending
-    # number of top values strictly greater than each T-logit; == cap means "at least cap"
-    ranks = torch.searchsorted(-top_vals, -t_logits, side="left")  # (b, k)
     best = t_logits.max(dim=1, keepdim=True).values  # (b, 1)
-    min_rank = ranks.min(dim=1).values
-    far = (min_rank >= cap).nonzero().flatten()
-    if 4 * len(far) > len(logits):  # the best T-token is outside the top-cap: count exactly
-        exact = (logits > best).sum(dim=1)
-        min_rank[far] = exact[far]
-    elif len(far):  # few rows: gathering them is cheaper than a pass over all
-        min_rank[far] = (logits[far] > best[far]).sum(dim=1)
+    min_rank = count_greater(logits, best)  # exact rank of the best T-token
+    # every T-token ranks at or below the best one: rows whose best is past the cap have all ranks capped, and
+    # only the others need the top-cap logits (number of them strictly greater than each T-logit)
+    ranks = torch.full_like(t_ids, cap)
+    near = (min_rank < cap).nonzero().flatten()
+    if len(near):
+        top_vals = logits[near].topk(cap, dim=1).values  # (m, cap), descending
+        ranks[near] = torch.searchsorted(-top_vals, -t_logits[near].contiguous(), side="left")
     return ranks, probs, min_rank
 
 

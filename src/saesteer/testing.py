@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -192,3 +192,18 @@ def write_scope_cache(cache_dir, release: str = SCOPE_RELEASE, sae_id: str = SCO
         if not link.exists():
             link.symlink_to(os.path.relpath(blob, link.parent))
     return weights
+
+
+@dataclass(frozen=True)
+class TinyLoader:
+    """Rebuilds the tiny model and SAEs from their seeds in another process (a Ray worker: see
+    :mod:`saesteer.distributed`); an SAE ref is (arch, layer, seed, width)."""
+
+    def model(self) -> LoadedModel:
+        return make_tiny_model()
+
+    def sae(self, ref, lm) -> LoadedSae:
+        arch, layer, seed, width = ref
+        sae = make_tiny_sae(d_sae=width, layer=layer, arch=arch, seed=seed)
+        sae.id = f"tiny-{arch}-L{layer}-s{seed}"
+        return sae

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import ScoreParams
+from ..config import ClusterParams, ScoreParams
 from . import (
     USER_ERRORS,
     add_model_args,
@@ -21,6 +21,9 @@ from .flags import Flag, add_flags, build, integer, number
 
 #: The ScoreParams fields the command line sets.
 FLAGS = (Flag("batch_size", integer()), Flag("amp", number()))
+#: The ClusterParams fields the command line sets (with --ray).
+RAY_FLAGS = (Flag("num_cpus", integer(1), flag="--ray-cpus"), Flag("max_retries", integer(0), flag="--ray-retries"),
+             Flag("shard_sequences", integer(1), flag="--ray-shard-sequences"), Flag("group_width", integer(1), flag="--ray-group-width"))
 ONLY = ("all", "output", "input")
 SHOWN = 20
 
@@ -40,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens for the activation pass (default 200000)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per corpus sequence, BOS included")
     add_flags(p, ScoreParams, FLAGS)
+    many = p.add_argument_group("many SAEs at once (each saved where the app reads it)")
+    many.add_argument("--layers", default=None, help="bundled SAEs at these layers, e.g. 2,5,8 or 0-17; with --release, that release's SAEs at these layers")
+    many.add_argument("--release", default=None, help="a sae-lens release, e.g. gemma-scope-2-270m-pt-res-all (with --ids and/or --layers)")
+    many.add_argument("--ids", default=None, metavar="PATTERN", help="SAE ids of --release matching this shell pattern, e.g. 'layer_*_width_16k_*'")
+    many.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                      help="run on a Ray cluster: no ADDRESS starts a local one on this machine; else HOST:PORT of `ray start --head`, ray://HOST:PORT or auto")
+    add_flags(many, ClusterParams, RAY_FLAGS)
 
 
 def parse_features(text: str) -> list[int]:
@@ -99,7 +109,15 @@ class _Bars:
                 bar.close()
 
 
+def _many(args: argparse.Namespace) -> bool:
+    return bool(args.layers or args.release or args.ids or args.ray)
+
+
 def run(args: argparse.Namespace) -> int:
+    if _many(args):
+        from .scores_many import run_many
+
+        return run_many(args)
     from ..config import ScoreParams
     from ..corpus import CorpusError, open_source
     from ..features import (

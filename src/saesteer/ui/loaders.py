@@ -9,7 +9,6 @@ These are the real sources; ``sources.py`` sets the test fixture's beside them b
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -23,7 +22,7 @@ import streamlit as st
 
 from ..config import ModelSpec, SaeSpec
 from ..models import LoadedModel
-from ..paths import app_features_cache, bundled_feature_dir
+from ..paths import app_feature_dir, bundled_feature_dir, latest_app_feature_dir
 from ..saes import LoadedSae
 
 
@@ -103,16 +102,11 @@ def load_sae(spec: SaeSpec, model_spec: ModelSpec, _lm: LoadedModel) -> LoadedSa
 # Feature data: bundled, cached, or computed by a background job
 
 
-def _slug(text: str) -> str:
-    clean = re.sub(r"[^\w.-]+", "_", text).strip("_")[:60]
-    return f"{clean}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
 def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
     """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
     from ..store import sae_fingerprint
 
-    return app_features_cache() / _slug(model_name) / f"{_slug(sae.id)}-{_fingerprint(sae, sae_fingerprint)}"
+    return app_feature_dir(model_name, sae.id, _fingerprint(sae, sae_fingerprint))
 
 
 def _fingerprint(sae: LoadedSae, fn) -> str:
@@ -158,6 +152,16 @@ def load_feature_data(model_name: str, sae: LoadedSae):
     return _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime)
 
 
+def choice_sae_id(choice: SaeChoice) -> str:
+    """The id :func:`saesteer.saes.load_sae` gives the SAE of ``choice`` (what its saved data is named by)."""
+    spec = choice.spec
+    if spec.source == "release":
+        return f"{spec.release}/{spec.sae_id}"
+    if spec.source == "local":
+        return Path(spec.path).expanduser().name
+    return spec.sae_id or choice.ref
+
+
 def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae | None = None, current_data=None) -> dict[int, object]:
     """Scores tables of every offered SAE whose feature data is already available (nothing is computed)."""
     out = {}
@@ -165,6 +169,11 @@ def layer_tables(model_name: str, choices: list[SaeChoice], current: LoadedSae |
         if choice.spec.source == "bundled" and _has_data(bundled_feature_dir(model_name, choice.ref)):
             path = bundled_feature_dir(model_name, choice.ref)
             out[choice.layer] = _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table
+        elif (path := latest_app_feature_dir(model_name, choice_sae_id(choice))) is not None:  # e.g. from `scores --layers … --ray`
+            try:
+                out.setdefault(choice.layer, _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime).table)
+            except Exception:  # noqa: BLE001 - damaged saved data: the overview simply leaves that layer out
+                pass
     if current is not None and current_data is not None:
         out[current.layer] = current_data.table
     return dict(sorted(out.items()))
