@@ -220,7 +220,7 @@ def test_concept_duel_streams_three_columns_in_chromium(server, browser, tmp_pat
     page.goto(f"{server}/Concept_duel?layer=1")
     _settle(page)
     page.get_by_text("More settings").click()
-    box = page.get_by_label("Fires on the concept", exact=False)
+    box = page.get_by_role("spinbutton", name="Fires on the concept")  # the number field, not its help button
     box.fill(str(theta))
     box.press("Enter")
     _settle(page)
@@ -238,6 +238,10 @@ def test_concept_duel_streams_three_columns_in_chromium(server, browser, tmp_pat
     for title in ("Baseline (no steering)", "What fires on it (activation pick)", "What says it (output pick)"):
         assert main.get_by_text(title, exact=False).count() >= 1, f"column {title!r} missing"
     assert main.get_by_text(f"“{concept}” said", exact=False).count() >= 3, "a column has no concept counter"
+    try:  # the URL follows the typed concept once the page's closing sync reaches the browser
+        page.wait_for_url(f"**concept={concept}**", timeout=15_000)
+    except Exception:
+        pass
     assert "concept=" + concept in page.url
     shot = tmp_path / "duel.png"
     page.screenshot(path=str(shot), full_page=True)

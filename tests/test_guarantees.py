@@ -352,7 +352,11 @@ def test_html_like_prompts_and_contexts_are_escaped(fixture_env):
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "&lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=alert(1)&gt;" in html_out
     assert "<script" not in html_out and "<img" not in html_out
-    at.switch_page(NAV["card"].path).run()  # opens on the top feature, whose contexts are planted
+    from saesteer.ui.session import FEATURE
+    from saesteer.ui.sources import tiny_feature_data
+
+    at.session_state[FEATURE] = tiny_feature_data(2).planted_feature  # the lab hands its own default feature on
+    at.switch_page(NAV["card"].path).run()  # the feature whose contexts are planted
     no_exception(at)
     html_out = "\n".join(h.proto.body for h in at.get("html"))
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_out and "&lt;img src=x onerror=alert(1)&gt;" in html_out
