@@ -300,6 +300,19 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
+
+def _left_padded(lm: LoadedModel, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows left-padded into one batch on the model's device: ids, attention mask and positions (as
+    transformers' generate: pads sit at 0, real tokens count from 0)."""
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), _pad_id(lm), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
 def _pad_id(lm: LoadedModel) -> int:
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -416,15 +429,8 @@ def _decode_loop(
     after ``max_new_tokens`` steps or once every row has produced an end-of-sequence token. The caller must
     hold ``lm.lock`` (and any steering context on ``model``) while iterating.
     """
-    device, batch, width = lm.device, len(ids), max(len(r) for r in ids)
-    input_ids = torch.full((batch, width), _pad_id(lm), dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    # Same positions as transformers' generate: pads sit at 0, real tokens count from 0.
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    device, batch = lm.device, len(ids)
+    input_ids, mask, position_ids = _left_padded(lm, ids)
     eos = torch.tensor(_eos_ids(lm) or [-1], device=device)
     model = lm.model if model is None else model
     seeds = _seed_list(seed, batch)
@@ -574,14 +580,8 @@ def sample_until_stop(
     live = LiveRows(strengths if len(features) else torch.zeros(len(prompts), 0), len(features))
     if live.strengths.shape[0] != len(prompts):
         raise ConfigError(f"{live.strengths.shape[0]} rows of strengths for {len(prompts)} prompts")
-    device, batch, width = lm.device, len(ids), max(len(r) for r in ids)
-    input_ids = torch.full((batch, width), _pad_id(lm), dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    device, batch = lm.device, len(ids)
+    input_ids, mask, position_ids = _left_padded(lm, ids)
     eos = set(_eos_ids(lm))
     stops = set(int(x) for x in stop_ids)
     generators = [torch.Generator().manual_seed(int(x)) for x in seeds]
