@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from saesteer import steering
 from saesteer.config import ConfigError, SteerParams
 from saesteer.saes import SaeLoadError
 from saesteer.steering import (
@@ -424,8 +425,8 @@ def test_fast_copy_is_built_once_and_leaves_the_model_alone():
     assert all(not p.requires_grad for p in fast.parameters())
     generate(lm, PROMPTS[0], max_new_tokens=3, fast=True)
     assert fast_model(lm) is fast
-    assert decoding_model(lm, 1, True) is fast and decoding_model(lm, 2, True) is fast
-    assert decoding_model(lm, 3, True) is lm.model and decoding_model(lm, 1, False) is lm.model
+    assert all(decoding_model(lm, b, True) is fast for b in (1, 2, 3, steering.FAST_MAX_BATCH))  # the duel's 3 rows too
+    assert decoding_model(lm, steering.FAST_MAX_BATCH + 1, True) is lm.model and decoding_model(lm, 1, False) is lm.model
     # The cache holds the copy only while the model lives (the copy does not refer back to it).
     gone = weakref.ref(fast)
     del lm, fast, copies
