@@ -20,7 +20,8 @@ from saesteer.saes import load_sae
 
 
 def total_rate(lm, sae, feature: int, rows: int, params: SteerParams, fast: bool) -> float:
-    """Tokens per second summed over ``rows`` streamed rows (row 0 the baseline, the others steered at amp 2)."""
+    """Tokens per second summed over ``rows`` streamed rows (row 0 the baseline, the others steered at amp 2):
+    decode steps after the first piece × rows, over their time (a row that ends early still costs its step)."""
     strengths = torch.zeros(rows, 1)
     strengths[1:, 0] = 2.0
     first, n = None, 0
