@@ -434,6 +434,25 @@ def test_fast_copy_is_built_once_and_leaves_the_model_alone():
     assert gone() is None
 
 
+def test_uses_fast_model_names_the_decoding_model_without_building_the_copy(monkeypatch):
+    """The pages' caption asks :func:`uses_fast_model`; it must agree with what :func:`decoding_model` picks, and
+    answer before any bf16 copy exists (building one takes seconds and memory)."""
+    import dataclasses
+
+    lm = make_tiny_model(seed=3)  # a model of its own: no copy of it exists yet
+    built = []
+    real = steering.fast_model
+    monkeypatch.setattr(steering, "fast_model", lambda m: built.append(m) or real(m))
+    cases = [(b, f) for b in (1, 2, 3, steering.FAST_MAX_BATCH, steering.FAST_MAX_BATCH + 1) for f in (True, False)]
+    said = {c: steering.uses_fast_model(lm, *c) for c in cases}
+    assert not built
+    assert said[(3, True)] and not said[(3, False)] and not said[(steering.FAST_MAX_BATCH + 1, True)]
+    for (b, f), fast in said.items():
+        assert (steering.decoding_model(lm, b, f) is not lm.model) == fast
+    bf16 = dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(torch.bfloat16), dtype=torch.bfloat16)
+    assert not steering.uses_fast_model(bf16, 2, True) and steering.decoding_model(bf16, 2, True) is bf16.model  # its own copy
+
+
 def test_a_bf16_model_is_its_own_fast_copy():
     lm = make_tiny_model()
     lm.model.to(torch.bfloat16)

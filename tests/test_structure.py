@@ -163,3 +163,13 @@ def test_no_module_uses_another_modules_private_names():
     assert not found - PENDING_PRIVATE_USES, sorted(found - PENDING_PRIVATE_USES)
     gone = PENDING_PRIVATE_USES - found
     assert not gone, f"{sorted(gone)} no longer happen: remove them from PENDING_PRIVATE_USES"
+
+
+def test_only_steering_registers_forward_hooks():
+    """``steering.py`` is the one place that edits the residual stream: no other production file installs a
+    forward hook (or pre-hook) on a module, directly or through torch's global hook registries."""
+    hook = re.compile(r"\bregister_(?:module_)?forward_(?:pre_)?hook\b")
+    outside = [f"{p.relative_to(ROOT)}:{i}" for p in PRODUCTION if p != PACKAGE / "steering.py"
+               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if hook.search(line)]
+    assert not outside, outside
+    assert hook.search((PACKAGE / "steering.py").read_text(encoding="utf-8"))  # the check looks for what steering uses

@@ -246,6 +246,10 @@ def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _is_fast_dtype(model: nn.Module) -> bool:
+    return all(p.dtype == FAST_DTYPE for p in model.parameters() if p.is_floating_point())
+
+
 def fast_model(lm: LoadedModel) -> nn.Module:
     """The fast-decode model: a bfloat16 copy of the whole of ``lm.model``, made once per model and cached.
 
@@ -259,7 +263,7 @@ def fast_model(lm: LoadedModel) -> nn.Module:
     copy of it (≈ 85 MB more; about half the time of the bf16 head). The copy is made under ``lm.lock`` (no
     other thread's hook can be copied along) and is shared like the model: forwards on it hold ``lm.lock`` too.
     """
-    if all(p.dtype == FAST_DTYPE for p in lm.model.parameters() if p.is_floating_point()):
+    if _is_fast_dtype(lm.model):
         return lm.model  # not cached: a value that refers to its weak key would keep the model alive
     with lm.lock:
         with _FAST_MODELS_LOCK:
@@ -272,10 +276,24 @@ def fast_model(lm: LoadedModel) -> nn.Module:
         return fast
 
 
+def uses_fast_model(lm: LoadedModel, batch: int, fast: bool) -> bool:
+    """Whether a decode of ``batch`` rows runs on a bf16 copy of ``lm.model`` (see :func:`decoding_model`),
+    decided without building the copy: ``fast``, at most FAST_MAX_BATCH rows, and a model not already bf16."""
+    if not fast or batch > FAST_MAX_BATCH:
+        return False
+    return not _is_fast_dtype(lm.model)
+
+
+def default_fast(lm: LoadedModel) -> bool:
+    """The ``fast`` the live pages (the lab, the duel) start with: on a CPU (the bf16 copy is faster there); on
+    CUDA the exact model is fast already. The fluent defaults are calibrated with it too."""
+    return lm.device.type == "cpu"
+
+
 def decoding_model(lm: LoadedModel, batch: int, fast: bool) -> nn.Module:
-    """The model a decode of ``batch`` rows runs on: ``fast_model(lm)`` when ``fast`` and batch <= FAST_MAX_BATCH,
-    else ``lm.model`` (the exact path)."""
-    return fast_model(lm) if fast and batch <= FAST_MAX_BATCH else lm.model
+    """The model a decode of ``batch`` rows runs on: ``fast_model(lm)`` when :func:`uses_fast_model`, else
+    ``lm.model`` (the exact path)."""
+    return fast_model(lm) if uses_fast_model(lm, batch, fast) else lm.model
 
 
 @contextmanager
