@@ -405,6 +405,49 @@ def test_demo_mode_runs_a_preset(fixture_env):
     assert "activation is not effect" in texts(at)
 
 
+def test_a_layer_change_leaves_no_text_of_the_old_layer_in_the_lab(fixture_env):
+    from saesteer.config import SteerParams
+    from saesteer.steering import generate_pair
+    from saesteer.ui import sources
+
+    at = app(layer="1", feature="3", strength="4").run()
+    at.switch_page(NAV["lab"].path).run()
+    at.multiselect(key="lab_grid_paper").set_value([0.0, 2.0]).run()
+    at.button(key="lab_sweep").click().run()
+    assert "lab_last" in at.session_state and "lab_sweep_result" in at.session_state
+    at.selectbox(key="sb_sae_ref").set_value("tiny-topk-L2").run()  # Live is on: the pair restarts at layer 2
+    no_exception(at)
+    last = at.session_state["lab_last"]
+    params = SteerParams(features=(3,), strengths=(4.0,), mode="paper", max_new_tokens=32, temperature=0.7)
+    prompt = at.text_area(key="lab_prompt").value
+    fast = at.checkbox(key="lab_fast").value
+    assert (last["baseline"], last["steered"]) == generate_pair(sources.tiny_parts()["lm"], sources.tiny_parts()["saes"][2], prompt, params, fast=fast)
+    assert "lab_sweep_result" not in at.session_state  # the sweep was layer 1's
+    at.toggle(key="lab_live").set_value(False).run()
+    at.selectbox(key="sb_sae_ref").set_value("tiny-topk-L1").run()
+    no_exception(at)
+    assert "lab_last" not in at.session_state and "**Baseline** (no steering)" not in texts(at)
+
+
+@pytest.mark.parametrize("error", ["config", "oom"])
+def test_a_failed_calibration_of_the_labs_first_row_falls_back(fixture_env, monkeypatch, error):
+    from saesteer import presets
+    from saesteer.config import ConfigError
+
+    def failing(*args, **kwargs):
+        raise ConfigError("no word to calibrate on") if error == "config" else MemoryError("cannot allocate")
+
+    monkeypatch.setattr(presets, "calibrate", failing)
+    monkeypatch.setattr(presets, "feature_strength", failing)
+    at = app(layer="1", feature="3").run()
+    at.switch_page(NAV["lab"].path).run()
+    no_exception(at)
+    errors = " ".join(e.value for e in at.error)
+    assert ("no word to calibrate on" in errors) if error == "config" else ("Out of memory while finding a fluent strength for feature 3" in errors)
+    assert at.slider(key="lab_s0").value == presets.FALLBACK_STRENGTH
+    assert any("Using amp" in w.value for w in at.warning)
+
+
 def test_concept_search_lists_features_by_output_score(fixture_env):
     at = app().run()
     at.switch_page(NAV["concepts"].path).run()

@@ -50,3 +50,12 @@ def test_lab_and_card_say_what_a_paper_amp_adds(fixture_env):
     at.switch_page(PAGES["card"].path).run()
     no_exception(at)
     assert re.search(rf"At this amplification: Amp 10 adds \d+ % of the residual norm here, set by latent {latent}, ", texts(at)), texts(at)
+
+
+def test_the_diagnostics_cache_key_follows_the_weights_not_the_object():
+    from saesteer.ui.diagnostics_panel import _key
+
+    sae = make_tiny_sae(layer=1, seed=1)
+    twin = make_tiny_sae(layer=1, seed=1)  # the same weights in another object (an id() key told them apart)
+    other = make_tiny_sae(layer=1, seed=2)  # the same name, other weights
+    assert _key("tiny", sae) == _key("tiny", twin) != _key("tiny", other)

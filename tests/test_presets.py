@@ -11,7 +11,9 @@ import pytest
 
 from saesteer.testing import WORDS
 from saesteer import presets
+from saesteer.config import LIVE_NEW_TOKENS, PAPER_TEMPERATURE
 from saesteer.evaluation import FeatureBank, repetition
+from saesteer.steering import default_fast
 
 
 def word_features(lm, bank) -> list[tuple[int, str]]:
@@ -67,8 +69,14 @@ def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_mod
     assert presets.feature_strength(lm, sae, d, f3, bank) == (2.0, d.reason)  # any feature: the layer's evaluated amp
 
 
-def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(word_bank, tmp_path):
+def fixture_concepts() -> list[str]:
+    """Concepts the tiny fixture's vocabulary holds (the shipped concept list is not in it)."""
+    return [w for w in sorted(set(WORDS)) if len(w) >= 4 and w.isalpha()]
+
+
+def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(word_bank, tmp_path, monkeypatch):
     lm, sae, bank = word_bank
+    monkeypatch.setattr(presets, "default_concepts", fixture_concepts)
     d = presets.defaults(lm, sae, bank, roots=[tmp_path])
     assert d.source == "calibration" and d.strength is None and "no evaluation" in d.reason
     f, _ = word_features(lm, bank)[0]
@@ -76,6 +84,7 @@ def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(word_bank,
               [{"concept": "alpha", "method": "sae_output", "strength": 3.0, "split": "train", "combined": 0.5}], fresh=False)
     d = presets.defaults(lm, sae, bank, roots=[tmp_path])
     assert d.source == "calibration" and "other weights" in d.reason
+    assert d.presets == presets.fallback_presets(bank, lm.tokenizer, fixture_concepts()) and d.presets
     for p in d.presets:  # fallback presets: the concept's output pick, whose top lens word is the concept itself
         assert p.strength is None and presets.top_word(p.word) == p.word
         assert p.word.rstrip("s") == p.concept.lower().rstrip("s") or p.word.startswith(p.concept.lower())
@@ -83,18 +92,28 @@ def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(word_bank,
 
 def test_fallback_presets_are_concepts_whose_output_pick_says_them(word_bank):
     lm, _, bank = word_bank
-    concepts = [w for w in sorted(set(WORDS)) if len(w) >= 4 and w.isalpha()]
-    got = presets.fallback_presets(bank, lm.tokenizer, concepts, n=10)
+    concepts = fixture_concepts()
     from saesteer.evaluation import candidates_for
 
     by = {c.concept: c for c in candidates_for(concepts, lm.tokenizer, bank)}
-    for p in got:
-        assert by[p.concept].output_pick.feature == p.feature and p.word == p.concept
-    own = [c for c in concepts if by[c].output_pick is not None
-           and presets.top_word(lm.tokenizer.convert_ids_to_tokens(int(bank.top_ids[bank.row(by[c].output_pick.feature), 0]))) == c]
-    assert {p.concept for p in got} == set(own[:10]) or len(got) == 10
-    scores = [by[p.concept].output_pick.output_score for p in got]
-    assert scores == sorted(scores, reverse=True)
+
+    def top(c: str) -> str | None:
+        return presets.top_word(lm.tokenizer.convert_ids_to_tokens(int(bank.top_ids[bank.row(by[c].output_pick.feature), 0])))
+
+    # The obvious version: concepts whose output pick's top word is the concept, by output score (ties by name),
+    # each word and each feature once, the first n.
+    own = sorted((c for c in concepts if by[c].output_pick is not None and top(c) == c),
+                 key=lambda c: (-by[c].output_pick.output_score, c))
+    assert own, "the fixture has no concept whose output pick says it"
+    for n in (1, 3, 10):
+        expect, features = [], set()
+        for c in own:
+            if by[c].output_pick.feature not in features and len(expect) < n:
+                expect.append(c)
+                features.add(by[c].output_pick.feature)
+        got = presets.fallback_presets(bank, lm.tokenizer, concepts, n=n)
+        assert [p.concept for p in got] == expect
+        assert all(by[p.concept].output_pick.feature == p.feature and p.word == p.concept for p in got)
 
 
 def test_calibration_takes_the_smallest_fluent_amp_that_says_the_word():
@@ -123,9 +142,9 @@ def test_calibrate_runs_one_batch_and_caches(word_bank, monkeypatch):
     assert set(first[0].texts) == set(presets.CALIBRATION_GRID)
     again = presets.calibrate(lm, sae, [f2], [w2])
     assert calls == [2 * len(presets.CALIBRATION_GRID)] and again[0] == first[1]
-    # each grid row is what that amp gives alone (one seed per row)
+    # each grid row is what that amp gives alone (one seed per row), on the path the pages start with
     alone = real(lm, presets.NEUTRAL_PROMPT, sae=sae, features=[f1], strengths=[3.0], max_new_tokens=presets.CALIBRATION_TOKENS,
-                 temperature=0.7, seed=[0])[0]
+                 temperature=0.7, seed=[0], fast=default_fast(lm))[0]
     assert first[0].texts[3.0] == alone
     with pytest.raises(Exception, match="one word per feature"):
         presets.calibrate(lm, sae, [f1], [])
@@ -135,11 +154,46 @@ def test_calibrate_runs_one_batch_and_caches(word_bank, monkeypatch):
 # The real embedded model
 
 
+def test_calibration_measures_the_path_the_pages_start_with(word_bank, monkeypatch):
+    """The duel and the lab start at the paper's temperature, LIVE_NEW_TOKENS new tokens and ``default_fast``
+    (the bf16 copy on a CPU): the calibration generates exactly so, and an explicit ``fast`` is its own entry."""
+    lm, sae, bank = word_bank
+    presets.clear_cache()
+    seen = []
+    real = presets.generate
+
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("max_new_tokens", "temperature", "fast")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "generate", recording)
+    (f, w), = word_features(lm, bank)[:1]
+    presets.calibrate(lm, sae, [f], [w])
+    assert seen == [{"max_new_tokens": LIVE_NEW_TOKENS, "temperature": PAPER_TEMPERATURE, "fast": default_fast(lm)}]
+    assert default_fast(lm) is True  # the tiny model is on the CPU: the copy is what the pages start with
+    presets.calibrate(lm, sae, [f], [w], fast=False)
+    assert seen[-1]["fast"] is False and len(seen) == 2
+
+
+def test_run_metas_are_the_run_folders_find_run_reads(word_bank, tmp_path):
+    lm, sae, bank = word_bank
+    f, _ = word_features(lm, bank)[0]
+    run = write_run(tmp_path, lm, sae, [summary_row("alpha", "sae_output", f, 3.0, 0.6), summary_row("alpha", "unsteered", -1, 0.0, 0.0)],
+                    [{"concept": "alpha", "method": "sae_output", "strength": 3.0, "split": "train", "combined": 0.5}])
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "meta.json").write_text("{}")
+    deep = run / "figures" / "extra"
+    deep.mkdir(parents=True)
+    (deep / "meta.json").write_text("{}")  # not a run folder: neither read by find_run nor watched by the app
+    assert presets.run_metas([tmp_path]) == [run / "meta.json", tmp_path / "flat" / "meta.json"]
+    assert presets.find_run(lm, sae, [tmp_path])[0] == run
+
+
 @pytest.mark.slow
 def test_presets_and_the_lab_default_say_their_word_without_looping():
     """Issue 12's last target: the lab's default feature and every demo preset, at their default strength (as
-    the lab and the duel start: neutral prompt, temperature 0.7, seed 0, 32 new tokens), mention the feature's
-    top word with word-bigram repetition <= 0.5. Checked at the layer the app opens on."""
+    the lab and the duel start: neutral prompt, temperature 0.7, seed 0, 32 new tokens, the bf16 copy on a CPU),
+    mention the feature's top word with word-bigram repetition <= 0.5. Checked at the layer the app opens on."""
     from saesteer.config import SaeSpec
     from saesteer.features import FeatureData
     from saesteer.paths import bundled_feature_dir
@@ -161,7 +215,7 @@ def test_presets_and_the_lab_default_say_their_word_without_looping():
     import torch
 
     texts = generate(lm, [presets.NEUTRAL_PROMPT] * len(d.presets), sae=sae, features=feats, strengths=torch.from_numpy(s),
-                     max_new_tokens=32, temperature=0.7, seed=[0] * len(d.presets))
+                     max_new_tokens=LIVE_NEW_TOKENS, temperature=PAPER_TEMPERATURE, seed=[0] * len(d.presets), fast=default_fast(lm))
     report = [(p.concept, p.feature, a, presets.mentions_word(t, p.word), round(repetition(t), 2), t) for p, a, t in zip(d.presets, amps, texts)]
     for (concept, feature, amp, n, rep, text), p in zip(report, d.presets):
         assert n >= 1 and rep <= presets.MAX_REPETITION, f"L{layer} preset {concept!r} (f{feature}, amp {amp:g}): {n}× {p.word!r}, repetition {rep}: {text!r}"

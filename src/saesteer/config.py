@@ -10,6 +10,12 @@ EMBEDDED_MODEL = "gemma-3-270m"
 NEUTRAL_PROMPT = "From my experience,"
 #: The paper's amplification grid for steering sweeps (Arad et al., 2025).
 PAPER_STRENGTHS = (0.2, 0.4, 0.8, 1.2, 1.6, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0)
+#: The paper's sampling temperature for steered generation.
+PAPER_TEMPERATURE = 0.7
+#: New tokens per column the lab and the duel start with (the fluent defaults are calibrated at it too).
+LIVE_NEW_TOKENS = 32
+#: A concept (the duel, a link's ``concept``) is a word or a short phrase of at most this many characters.
+MAX_CONCEPT_CHARS = 64
 #: Strengths beyond this are refused: they only produce numerical garbage.
 MAX_ABS_STRENGTH = 1000.0
 MAX_NEW_TOKENS_LIMIT = 1024

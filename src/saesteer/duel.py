@@ -20,11 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .baselines import mention_pattern
-from .config import MAX_NEW_TOKENS_LIMIT, NEUTRAL_PROMPT, ConfigError, SteerParams
+from .config import LIVE_NEW_TOKENS, MAX_CONCEPT_CHARS, MAX_NEW_TOKENS_LIMIT, NEUTRAL_PROMPT, PAPER_TEMPERATURE, ConfigError, SteerParams
 from .evaluation import continuation_nll, ppl_factor, repetition
 from .evaluation.candidates import CandidateParams, ConceptCandidates, FeatureBank, concept_candidates, concept_token_ids
 from .models import LoadedModel
@@ -33,9 +34,6 @@ from .steering import stream_rows
 
 COLUMNS = ("baseline", "activation", "output")
 TITLES = {"baseline": "Baseline (no steering)", "activation": "What fires on it (activation pick)", "output": "What says it (output pick)"}
-MAX_CONCEPT_CHARS = 64
-DUEL_TEMPERATURE = 0.7
-"""The paper's sampling temperature for steered generation."""
 STRIP_FACTORS = (0.25, 0.5, 1.0, 2.0, 3.0)
 """The strength strip: these multiples of the duel's strength (rounded, at most ``MAX_AMP``)."""
 MAX_AMP = 20.0
@@ -55,11 +53,11 @@ class DuelParams:
     """Paper-mode amp, the same for both steered columns (x_last += amp · max_j a_j(x) · W_dec[f])."""
     prompt: str = NEUTRAL_PROMPT
     """The text every column continues."""
-    temperature: float = DUEL_TEMPERATURE
+    temperature: float = PAPER_TEMPERATURE
     """0 = greedy; the paper samples at 0.7."""
     seed: int = 0
     """Every column samples from its own generator seeded with this."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = LIVE_NEW_TOKENS
     """Tokens per column."""
 
     def __post_init__(self) -> None:
@@ -79,9 +77,24 @@ class DuelParams:
             raise ConfigError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {n!r}")
         return SteerParams(max_new_tokens=n, temperature=float(self.temperature), seed=self.seed)
 
-    def key(self) -> tuple:
-        """What makes two runs the same run (the live mode restarts when it changes)."""
-        return (self.concept.strip().lower(), round(float(self.strength), 4), self.prompt, float(self.temperature), self.seed, self.max_new_tokens)
+    def key(self, sae: str, theta: float) -> DuelKey:
+        """What makes two runs the same run (the live mode restarts when it changes): these parameters, the SAE
+        (``sae``: its id and weights fingerprint) and the activation pick's threshold ``theta``."""
+        return DuelKey(sae, round(float(theta), 6), self.concept.strip().lower(), round(float(self.strength), 4), self.prompt,
+                       float(self.temperature), self.seed, self.max_new_tokens)
+
+
+class DuelKey(NamedTuple):
+    """One duel run's identity (see :meth:`DuelParams.key`)."""
+
+    sae: str
+    theta: float
+    concept: str
+    strength: float
+    prompt: str
+    temperature: float
+    seed: int
+    max_new_tokens: int
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ or were computed for other weights.
   score first, each at the amp the evaluation chose for it.
 - **Fallback: calibration.** The presets are the concepts of ``assets/eval/concepts.txt`` whose output pick
   has the highest output score; a feature's default amp is the smallest amp of ``CALIBRATION_GRID`` at which
-  its continuation of the neutral prompt (sampled at 0.7, seed 0, as the duel and lab start) mentions the
-  feature's top logit-lens word with word-bigram repetition <= 0.5, measured in one batched generation.
+  its continuation of the neutral prompt mentions the feature's top logit-lens word with word-bigram
+  repetition <= 0.5, measured in one batched generation on the path the duel and the lab start with: the
+  paper's temperature 0.7, seed 0, ``LIVE_NEW_TOKENS`` (32) new tokens, and the bf16 fast-decode copy on a
+  CPU, the exact model on CUDA (``steering.default_fast``).
 
 Every preset (and the lab's default feature) has a top logit-lens token that is a word of at least four
 letters. Nothing here imports Streamlit.
@@ -30,16 +32,17 @@ import pandas as pd
 import torch
 
 from .baselines import mention_pattern
-from .config import NEUTRAL_PROMPT, ConfigError
+from .config import LIVE_NEW_TOKENS, NEUTRAL_PROMPT, PAPER_TEMPERATURE, ConfigError
 from .evaluation import best_strength, default_concepts, eval_roots, repetition
 from .evaluation.candidates import FeatureBank, candidates_for
 from .models import LoadedModel
 from .saes import LoadedSae
-from .steering import generate
+from .steering import default_fast, generate
+from .text import whole_word
 
 CALIBRATION_GRID = (2.0, 3.0, 4.0, 6.0)
-CALIBRATION_TOKENS = 16
-CALIBRATION_TEMPERATURE = 0.7
+CALIBRATION_TOKENS = LIVE_NEW_TOKENS
+"""New tokens per calibration row: as many as the duel and the lab start with."""
 MAX_REPETITION = 0.5
 """The evaluation's word-bigram repetition at or below which a text counts as not looping."""
 FALLBACK_STRENGTH = 2.0
@@ -57,7 +60,8 @@ def top_word(token: str) -> str | None:
 
 
 def mentions_word(text: str, word: str) -> int:
-    return len(re.findall(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text.lower()))
+    """How often ``word`` occurs in ``text`` as a whole word, case-insensitively."""
+    return len(whole_word(word).findall(text.lower()))
 
 
 @dataclass(frozen=True)
@@ -91,24 +95,32 @@ class Defaults:
 # Shipped results
 
 
+def run_metas(roots: Sequence[Path] | None = None) -> list[Path]:
+    """The meta.json of every evaluation run folder under ``roots`` (default: ``eval_roots()``), in the order
+    :func:`find_run` reads them: ROOT/MODEL/SAE/meta.json, then ROOT/SAE/meta.json."""
+    out = []
+    for root in roots if roots is not None else eval_roots():
+        out += sorted(Path(root).glob("*/*/meta.json")) + sorted(Path(root).glob("*/meta.json"))
+    return out
+
+
 def find_run(lm: LoadedModel, sae: LoadedSae, roots: Sequence[Path] | None = None) -> tuple[Path | None, str]:
     """The evaluation run for these weights (meta.json's model and SAE fingerprints match), or None and why not."""
     from .store import model_fingerprint, sae_fingerprint
 
     stale = []
-    for root in roots if roots is not None else eval_roots():
-        for meta_path in sorted(Path(root).glob("*/*/meta.json")) + sorted(Path(root).glob("*/meta.json")):
-            try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("sae_id") != sae.id:
-                continue
-            if meta.get("sae_fingerprint") != sae_fingerprint(sae) or meta.get("model_fingerprint") != model_fingerprint(lm):
-                stale.append(meta_path.parent)
-                continue
-            if (meta_path.parent / "summary.csv").exists() and (meta_path.parent / "generations.parquet").exists():
-                return meta_path.parent, f"the evaluation run in {meta_path.parent}"
+    for meta_path in run_metas(roots):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("sae_id") != sae.id:
+            continue
+        if meta.get("sae_fingerprint") != sae_fingerprint(sae) or meta.get("model_fingerprint") != model_fingerprint(lm):
+            stale.append(meta_path.parent)
+            continue
+        if (meta_path.parent / "summary.csv").exists() and (meta_path.parent / "generations.parquet").exists():
+            return meta_path.parent, f"the evaluation run in {meta_path.parent}"
     if stale:
         return None, f"the shipped evaluation of {sae.id} ({stale[0]}) was run on other weights (an earlier bundle)"
     return None, f"no evaluation of {sae.id} is shipped or cached yet"
@@ -219,16 +231,18 @@ _CACHE_LOCK = threading.Lock()
 
 def calibrate(
     lm: LoadedModel, sae: LoadedSae, features: Sequence[int], words: Sequence[str], *, prompt: str = NEUTRAL_PROMPT,
-    seed: int = 0, grid: Sequence[float] = CALIBRATION_GRID, max_new_tokens: int = CALIBRATION_TOKENS,
+    seed: int = 0, grid: Sequence[float] = CALIBRATION_GRID, max_new_tokens: int = CALIBRATION_TOKENS, fast: bool | None = None,
 ) -> list[Calibration]:
     """Each feature's default amp (see the module docstring): one batched generation of
-    len(features) × len(grid) rows; results are cached per process (per SAE weights)."""
+    len(features) × len(grid) rows, on the bf16 fast-decode copy when ``fast`` (default: as the pages start,
+    ``steering.default_fast``); results are cached per process (per SAE weights)."""
     from .store import sae_fingerprint
 
     if len(features) != len(words):
         raise ConfigError(f"{len(features)} features but {len(words)} words: give one word per feature")
+    fast = default_fast(lm) if fast is None else bool(fast)
     fp = sae_fingerprint(sae)
-    keys = [(fp, int(f), w, prompt, seed, tuple(grid), max_new_tokens) for f, w in zip(features, words)]
+    keys = [(fp, int(f), w, prompt, seed, tuple(grid), max_new_tokens, fast) for f, w in zip(features, words)]
     with _CACHE_LOCK:
         todo = [i for i, k in enumerate(keys) if k not in _CACHE]
     if todo:
@@ -239,7 +253,7 @@ def calibrate(
         for r, (i, a) in enumerate(cells):
             s[r, uniq.index(int(features[i]))] = float(a)
         texts = generate(lm, [prompt] * len(cells), sae=sae, features=uniq, strengths=s, max_new_tokens=max_new_tokens,
-                         temperature=CALIBRATION_TEMPERATURE, seed=[seed] * len(cells))
+                         temperature=PAPER_TEMPERATURE, seed=[seed] * len(cells), fast=fast)
         by: dict[int, dict[float, str]] = {}
         for (i, a), t in zip(cells, texts):
             by.setdefault(i, {})[float(a)] = t
@@ -285,5 +299,5 @@ def clear_cache() -> None:
 
 __all__ = [
     "CALIBRATION_GRID", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
-    "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "top_word",
+    "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "run_metas", "top_word",
 ]

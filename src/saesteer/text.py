@@ -1,5 +1,6 @@
 """Untrusted text on its way to a screen: the one HTML escaper, whitespace made visible, Markdown syntax
-neutralised, and the ``" | "``-joined token cells of a scores table.
+neutralised, the ``" | "``-joined token cells of a scores table, and the whole-word match that counts a word
+in generated text.
 
 Tokens are untrusted: a vocabulary holds strings like ``<script>`` and a corpus can hold anything. Every
 token, context or prompt placed into HTML (Streamlit markdown, plotly labels, the evaluation report) goes
@@ -39,6 +40,12 @@ def visible(token: str) -> str:
 def md_escape(text: str) -> str:
     """Markdown syntax neutralised with backslashes (apply to text that is already HTML-escaped)."""
     return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def whole_word(word: str) -> re.Pattern:
+    """``word`` lower-cased, matched only as a whole word (no word character on either side); search it in
+    lower-cased text for a case-insensitive match."""
+    return re.compile(r"(?<!\w)" + re.escape(word.lower()) + r"(?!\w)")
 
 
 def join_tokens(tokens: Iterable[str]) -> str:

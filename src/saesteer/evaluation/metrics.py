@@ -15,6 +15,7 @@ from ..baselines import mention_pattern
 from ..config import ConfigError
 from ..memory import for_each_batch
 from ..models import LoadedModel
+from ..text import whole_word
 
 METRICS = ("concept_score", "mentions", "success_k", "fluency", "ppl", "repetition", "combined")
 
@@ -54,7 +55,7 @@ def target_strings(strings: Iterable[str]) -> list[str]:
 def success_at_k(text: str, targets: Sequence[str]) -> int:
     """How many of ``targets`` (normalised strings) occur in ``text`` as whole words, case-insensitively."""
     low = text.lower()
-    return sum(1 for t in targets if re.search(r"(?<!\w)" + re.escape(t) + r"(?!\w)", low))
+    return sum(1 for t in targets if whole_word(t).search(low))
 
 
 def concept_mentions(text: str, concept: str) -> int:

@@ -11,14 +11,15 @@ import streamlit as st
 
 from .. import diagnostics
 from ..diagnostics import PromptStrength, SaeDiagnostics
+from .loaders import data_key, weights_fingerprint
 
 MEASURE_TOKENS = 8192
 """Held-out tokens the sidebar's 'Measure' button encodes (a few seconds on a CPU for the embedded model)."""
 
 
 def _key(model_name: str, sae) -> str:
-    # The SAE object is cached per process by the loaders, so its id tells two local SAEs of the same name apart.
-    return f"{model_name}|{sae.id}|{sae.hook_name}|{sae.width}|{id(sae.sae)}"
+    # The weights fingerprint tells two SAEs of one name apart (an object's id would be reused once it is freed).
+    return f"{model_name}|{sae.id}|{sae.hook_name}|{sae.width}|{weights_fingerprint(sae)}"
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -69,11 +70,12 @@ def strength(ctx, prompt: str) -> PromptStrength | None:
     """What sets paper-mode strength at ``prompt``'s last position for the current SAE (cached); None if unavailable."""
     if ctx.sae is None or ctx.lm is None or not prompt:
         return None
-    density = None
+    density, key = None, _key(ctx.model_name, ctx.sae)
     if ctx.data is not None and "density" in ctx.data.table:
         density = diagnostics.densities(ctx.data.table["feature"].to_numpy(), ctx.data.table["density"].to_numpy(), ctx.sae.width)
+        key += f"|{data_key(ctx.data)}"  # the densities come from the feature data
     try:
-        return _strength(_key(ctx.model_name, ctx.sae), prompt, ctx.lm, ctx.sae, density)
+        return _strength(key, prompt, ctx.lm, ctx.sae, density)
     except Exception:  # an empty tokenisation, a model error: the caption is a help, never a failure
         return None
 

@@ -9,6 +9,8 @@ These are the real sources; ``sources.py`` sets the test fixture's beside them b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 import time
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from ..config import ModelSpec, SaeSpec
@@ -104,16 +107,22 @@ def load_sae(spec: SaeSpec, model_spec: ModelSpec, _lm: LoadedModel) -> LoadedSa
 
 def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
     """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
+    return app_feature_dir(model_name, sae.id, weights_fingerprint(sae))
+
+
+def weights_fingerprint(sae: LoadedSae) -> str:
+    """``store.sae_fingerprint`` of ``sae`` (what evaluation runs and saved feature data record), computed once
+    per loaded SAE object: hashing the full weights takes a moment for a large SAE."""
     from ..store import sae_fingerprint
 
-    return app_feature_dir(model_name, sae.id, _fingerprint(sae, sae_fingerprint))
+    if sae.sae not in _FINGERPRINTS:
+        _FINGERPRINTS[sae.sae] = sae_fingerprint(sae)
+    return _FINGERPRINTS[sae.sae]
 
 
 def _fingerprint(sae: LoadedSae, fn) -> str:
-    # Hashing the full weights takes a moment for a large SAE: once per loaded SAE object.
-    if sae.sae not in _FINGERPRINTS:
-        _FINGERPRINTS[sae.sae] = fn(sae)
-    return _FINGERPRINTS[sae.sae]
+    # The evaluation page's name for weights_fingerprint until its rewrite (issue 13) calls that.
+    return weights_fingerprint(sae)
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,6 +159,15 @@ def load_feature_data(model_name: str, sae: LoadedSae):
     if path is None:
         return unsaved_feature_data(model_name, sae)
     return _load_feature_dir(str(path), (path / "meta.json").stat().st_mtime)
+
+
+def data_key(data) -> str:
+    """A content key of loaded feature data, for caches of what is derived from it (never ``id(data)``: an id
+    is reused once its object is freed): a hash of its meta.json (which records the model, SAE, corpus and
+    parameters' fingerprints) and of the features it covers (a subset differs from the full data)."""
+    h = hashlib.sha256(json.dumps(data.meta, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(data.features, dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
 
 
 def choice_sae_id(choice: SaeChoice) -> str:

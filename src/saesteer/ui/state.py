@@ -13,10 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import EMBEDDED_MODEL, MAX_ABS_STRENGTH
+from ..config import EMBEDDED_MODEL, MAX_ABS_STRENGTH, MAX_CONCEPT_CHARS
 
 PARAMS = ("model", "sae", "layer", "feature", "prompt", "strength", "mode", "concept", "seed", "present")
-MAX_CONCEPT_CHARS = 64
 MAX_PROMPT_CHARS = 2000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 _NAME = re.compile(r"^[\w.-]{1,128}$")

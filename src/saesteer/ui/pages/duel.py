@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import time
 from contextlib import closing
 
@@ -11,10 +10,12 @@ import streamlit as st
 
 from ... import duel as duel_lib
 from ... import presets as presets_lib
-from ...config import ConfigError
+from ...config import LIVE_NEW_TOKENS, MAX_CONCEPT_CHARS, PAPER_TEMPERATURE, ConfigError
+from ...steering import default_fast
+from ...text import escape
 from ..context import AppContext
 from ..data import live_lens_tokens
-from ..live import bank_for, defaults_for, device_line, shown_errors
+from ..live import bank_for, defaults_for, device_line, forget_other_sae, shown_errors, strength_or_fallback
 from ..render import contexts_html, token_chips_html
 from ..session import CONCEPT, PRESENT, SEED, STRENGTH
 
@@ -29,7 +30,8 @@ MANAGER_LINE = (
 OOM_DUEL = "use fewer new tokens or a shorter prompt, or untick fast decode"
 STRIP_KEY = "duel_strip"
 LAST = "duel_last"
-DONE = "duel_done_key"
+STRENGTH_FOR = "_duel_strength_for"
+"""(SAE key, concept) the strength slider was last set for: a new concept or SAE gets its default strength."""
 
 
 def text_box(prompt: str, continuation: str, color: str, large: bool = False) -> str:
@@ -38,7 +40,7 @@ def text_box(prompt: str, continuation: str, color: str, large: bool = False) ->
     return (
         f'<div class="saesteer-text" style="border-left: 5px solid {color}; padding: 0.4em 0.8em; white-space: pre-wrap; '
         f'overflow-wrap: anywhere; word-break: break-word; font-size: {size}; min-height: 5em;">'
-        f'<span style="color: #888;">{html.escape(prompt)}</span>{html.escape(continuation)}</div>'
+        f'<span style="color: #888;">{escape(prompt)}</span>{escape(continuation)}</div>'
     )
 
 
@@ -67,10 +69,10 @@ def _pick_card(ctx: AppContext, column: str, duel: duel_lib.DuelPlan) -> None:
         st.html(token_chips_html(live_lens_tokens(ctx.lm, ctx.sae, c.feature, k=10)))
 
 
-def _set_concept(concept: str, strength: float) -> None:
+def _set_concept(sae: str, concept: str, strength: float) -> None:
     st.session_state["duel_concept"] = concept
     st.session_state["duel_strength"] = float(strength)
-    st.session_state["_duel_strength_for"] = concept.strip().lower()
+    st.session_state[STRENGTH_FOR] = (sae, concept.strip().lower())
 
 
 def _default_strength(ctx: AppContext, d: presets_lib.Defaults, duel: duel_lib.DuelPlan) -> tuple[float, str]:
@@ -83,7 +85,7 @@ def _default_strength(ctx: AppContext, d: presets_lib.Defaults, duel: duel_lib.D
     return presets_lib.feature_strength(ctx.lm, ctx.sae, d, f, bank_for(ctx))
 
 
-def _presets(ctx: AppContext, d: presets_lib.Defaults) -> None:
+def _presets(ctx: AppContext, d: presets_lib.Defaults, sae: str) -> None:
     if not d.presets:
         return
     cols = st.columns(len(d.presets) + 1)
@@ -91,13 +93,15 @@ def _presets(ctx: AppContext, d: presets_lib.Defaults) -> None:
     for col, p in zip(cols[1:], d.presets):
         if col.button(p.concept, key=f"duel_preset_{p.concept}", help=p.evidence, use_container_width=True):
             with st.spinner(f"Calibrating the strength of feature {p.feature}…"):
-                amp, _ = presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)
-            _set_concept(p.concept, amp)
+                amp, measured = strength_or_fallback(lambda p=p: presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)[0],
+                                                     f"calibrating the strength of feature {p.feature}")
+            _set_concept(sae, p.concept, amp)
             st.session_state["duel_autorun"] = True
-            st.rerun()
+            if measured:  # else this run goes on (the widgets come below), so that the error stays on the page
+                st.rerun()
 
 
-def _stream(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, fast: bool, large: bool) -> dict:
+def _stream(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, fast: bool, large: bool, key: duel_lib.DuelKey) -> dict:
     cols = st.columns(len(duel.columns))
     boxes, counters = {}, {}
     for col, name in zip(cols, duel.columns):
@@ -122,7 +126,7 @@ def _stream(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPla
     for name in duel.columns:
         boxes[name].html(text_box(params.prompt, texts[name], COLORS[name], large))
         counters[name].markdown(_counter(params.concept, texts[name], stats[name]))
-    return {"key": params.key(), "texts": texts, "stats": stats, "first_s": first, "elapsed_s": elapsed, "columns": duel.columns}
+    return {"key": key, "texts": texts, "stats": stats, "first_s": first, "elapsed_s": elapsed, "columns": duel.columns}
 
 
 def _show(last: dict, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, large: bool) -> None:
@@ -133,12 +137,12 @@ def _show(last: dict, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, larg
         col.markdown(_counter(params.concept, last["texts"][name], last["stats"][name]))
 
 
-def _strip(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, fast: bool) -> None:
+def _strip(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan, fast: bool, run: duel_lib.DuelKey) -> None:
     steered = [c for c in duel.columns if c in duel.features]
     if not steered:
         return
     amps = duel_lib.strip_strengths(params.strength)
-    key = (params.key(), amps)
+    key = (run, amps)
     st.markdown("**Strength strip**: short continuations at several strengths, one batch")
     grid = {}
     for name in steered:
@@ -165,7 +169,7 @@ def _strip(ctx: AppContext, params: duel_lib.DuelParams, duel: duel_lib.DuelPlan
 def _cell(amp: float, text: str, color: str, concept: str) -> str:
     n = duel_lib.hits(text, concept)
     return (f'<div style="border-top: 3px solid {color}; font-size: 0.85em; overflow-wrap: anywhere; white-space: pre-wrap;">'
-            f'<b>amp {amp:g}</b> · {n}×<br>{html.escape(text)}</div>')
+            f'<b>amp {amp:g}</b> · {n}×<br>{escape(text)}</div>')
 
 
 def _present_css() -> None:
@@ -185,15 +189,16 @@ def render(ctx: AppContext) -> None:
         _present_css()
     st.title("Concept duel")
     st.markdown(MANAGER_LINE)
+    sae = forget_other_sae(ctx, "duel", (LAST, STRIP_KEY))
     d = defaults_for(ctx)
-    fast_default = ctx.lm.device.type == "cpu"
+    fast_default = default_fast(ctx.lm)
     fast = bool(st.session_state.get("duel_fast", fast_default))
     st.caption(device_line(ctx, fast) + f" · Default strengths: {d.reason}.")
-    _presets(ctx, d)
+    _presets(ctx, d, sae)
 
     st.session_state.setdefault("duel_concept", st.session_state.get(CONCEPT) or (d.presets[0].concept if d.presets else "water"))
     c1, c2, c3, c4 = st.columns([3, 5, 2, 2])
-    concept = c1.text_input("Concept", key="duel_concept", max_chars=duel_lib.MAX_CONCEPT_CHARS, help="a word or a short phrase, e.g. water")
+    concept = c1.text_input("Concept", key="duel_concept", max_chars=MAX_CONCEPT_CHARS, help="a word or a short phrase, e.g. water")
     if not concept.strip():
         st.info("Type a concept (a word such as *water*) or click a preset.")
         return
@@ -204,15 +209,15 @@ def render(ctx: AppContext) -> None:
     except ConfigError as exc:
         st.error(str(exc))
         return
-    norm = concept.strip().lower()
-    if st.session_state.get("_duel_strength_for") != norm:
-        url_amp = st.session_state.get(STRENGTH) if "_duel_strength_for" not in st.session_state else None
+    strength_for = (sae, concept.strip().lower())
+    if st.session_state.get(STRENGTH_FOR) != strength_for:
+        url_amp = st.session_state.get(STRENGTH) if STRENGTH_FOR not in st.session_state else None
         if isinstance(url_amp, (int, float)) and 0 <= float(url_amp) <= duel_lib.MAX_AMP:
             st.session_state["duel_strength"] = float(url_amp)  # a link (or the lab) named the strength
-        else:
+        else:  # a new concept or a new SAE: the strength calibrated for it
             with st.spinner("Finding a fluent strength…"):
-                st.session_state["duel_strength"] = float(_default_strength(ctx, d, duel)[0])
-        st.session_state["_duel_strength_for"] = norm
+                st.session_state["duel_strength"] = strength_or_fallback(lambda: _default_strength(ctx, d, duel)[0])[0]
+        st.session_state[STRENGTH_FOR] = strength_for
     strength = c2.slider("Strength (paper amp, both steered columns)", 0.0, duel_lib.MAX_AMP, step=0.05, key="duel_strength",
                          help="x_last += amp · max_j a_j(x) · W_dec[f] at every step; released, it restarts the columns when Live is on")
     st.session_state.setdefault("duel_seed", int(st.session_state.get(SEED) or 0))
@@ -220,8 +225,8 @@ def render(ctx: AppContext) -> None:
     live = c4.toggle("Live", value=True, key="duel_live", help="restart the columns whenever the strength, concept or seed changes")
     with st.expander("More settings"):
         s1, s2, s3 = st.columns(3)
-        temperature = s1.slider("Temperature", 0.0, 2.0, duel_lib.DUEL_TEMPERATURE, 0.05, key="duel_temp", help="the paper samples at 0.7; 0 = greedy")
-        max_new = s2.slider("New tokens per column", 4, 96, 32, key="duel_max_new")
+        temperature = s1.slider("Temperature", 0.0, 2.0, PAPER_TEMPERATURE, 0.05, key="duel_temp", help="the paper samples at 0.7; 0 = greedy")
+        max_new = s2.slider("New tokens per column", 4, 96, LIVE_NEW_TOKENS, key="duel_max_new")
         s3.checkbox("Fast decode (bf16 copy of the model)", value=fast_default, key="duel_fast", help="CPU only; on CUDA the exact model is fast")
         st.toggle("Strength strip", value=True, key="duel_strip_on")
         st.number_input("Fires on the concept: at least this share of a feature's top contexts peak on it", 0.05, 1.0,
@@ -245,21 +250,22 @@ def render(ctx: AppContext) -> None:
 
     clicked = st.button("Duel", type="primary", key="duel_go")
     autorun = st.session_state.pop("duel_autorun", False)
+    key = params.key(sae, theta)
     last = st.session_state.get(LAST)
-    wanted = clicked or autorun or (live and (last is None or last["key"] != params.key()))
+    wanted = clicked or autorun or (live and (last is None or last["key"] != key))
     if wanted:
         with shown_errors("streaming the duel", OOM_DUEL):
-            st.session_state[LAST] = last = _stream(ctx, params, duel, fast, present)
-    elif last is not None and last["key"] == params.key():
+            st.session_state[LAST] = last = _stream(ctx, params, duel, fast, present, key)
+    elif last is not None and last["key"] == key:
         _show(last, params, duel, present)
     else:
         st.caption("Press **Duel** (or turn Live on) to stream the three columns.")
         last = None
-    if last is not None and last["key"] == params.key():
+    if last is not None and last["key"] == key:
         st.markdown("**Verdict.** " + duel_lib.verdict(duel, last["stats"], params.strength))
         if last.get("first_s") is not None:
             n = sum(len(ctx.lm.tokenizer(t, add_special_tokens=False).input_ids) for t in last["texts"].values())
             st.caption(f"first token after {last['first_s']:.2f} s · {n} tokens in {last['elapsed_s']:.1f} s across the columns")
         if st.session_state.get("duel_strip_on", True):
             with shown_errors("streaming the strength strip", OOM_DUEL):
-                _strip(ctx, params, duel, fast)
+                _strip(ctx, params, duel, fast, key)

@@ -14,19 +14,21 @@ import torch
 from ... import plots
 from ... import presets as presets_lib
 from ...config import (
+    LIVE_NEW_TOKENS,
     MAX_ABS_STRENGTH,
     NEUTRAL_PROMPT,
     PAPER_STRENGTHS,
+    PAPER_TEMPERATURE,
     ConfigError,
     SteerParams,
 )
-from ...steering import generate, stream_pair
+from ...steering import default_fast, generate, stream_pair
 from ...text import escape, split_tokens
 from .. import diagnostics_panel
 from ..context import AppContext
 from ..data import live_lens_tokens
 from ..exports import steering_vector
-from ..live import bank_for, defaults_for, device_line, shown_errors
+from ..live import bank_for, defaults_for, device_line, forget_other_sae, shown_errors, strength_or_fallback
 from ..render import md_token
 from ..session import FEATURE, LAB_ROWS, MODE, PROMPT, STRENGTH
 from ..sweep import concept_hits, concept_targets, score_texts
@@ -36,10 +38,10 @@ MODES = {
     "paper": "paper amp: x_last += amp · max_j a_j(x) · W_dec[f]",
     "additive": "additive coefficient: x += c · W_dec[f] at every position",
 }
-DEFAULT_STRENGTH = {"paper": 2.0, "additive": 40.0}
+DEFAULT_STRENGTH = {"paper": presets_lib.FALLBACK_STRENGTH, "additive": 40.0}
 """Only where a feature has no measured default (see :func:`default_strength`); paper: the paper's median best factor."""
-DEFAULT_TEMPERATURE = 0.7
-"""The paper's sampling temperature."""
+RESULTS = ("lab_last", "lab_sweep_result")
+"""The session keys of what the lab generated (dropped when the SAE changes)."""
 MAX_FEATURES = 6
 SWEEP_DEFAULT = (0.0, 0.8, 2.0, 4.0, 8.0, 20.0)
 FAST_LABEL = "Fast decode (bf16 copy of the whole model)"
@@ -111,8 +113,11 @@ def _initial_rows(ctx: AppContext) -> list[dict]:
     strength = st.session_state.get(STRENGTH)
     feature = _default_feature(ctx) if feature is None else feature
     if strength is None:
-        with st.spinner("Finding a fluent strength for this feature…"):
-            strength = default_strength(ctx, feature) if isinstance(feature, int) and 0 <= feature < ctx.sae.width else DEFAULT_STRENGTH["paper"]
+        if isinstance(feature, int) and 0 <= feature < ctx.sae.width:
+            with st.spinner("Finding a fluent strength for this feature…"):
+                strength = strength_or_fallback(lambda: default_strength(ctx, feature), f"finding a fluent strength for feature {feature}")[0]
+        else:
+            strength = DEFAULT_STRENGTH["paper"]
     return [{"feature": feature, "strength": strength}]
 
 
@@ -193,8 +198,11 @@ def _rows_editor(ctx: AppContext, mode: str) -> list[dict]:
         rows.pop(remove)
         st.rerun()
     if len(rows) < MAX_FEATURES and st.button("Add a feature", key="lab_add"):
-        rows.append({"feature": rows[-1]["feature"], "strength": default_strength(ctx, rows[-1]["feature"], mode)})
-        st.rerun()
+        f = rows[-1]["feature"]
+        amp, measured = strength_or_fallback(lambda: default_strength(ctx, f, mode), f"finding a fluent strength for feature {f}")
+        rows.append({"feature": f, "strength": amp})
+        if measured:  # else the error stays on the page; the new row shows from the next rerun
+            st.rerun()
     return rows
 
 
@@ -225,12 +233,15 @@ def _demo_panel(ctx: AppContext) -> None:
             if isinstance(row.get("evidence"), str) and row["evidence"]:
                 st.caption(row["evidence"])
             if st.button("Try it", key=f"lab_demo_{int(row['feature'])}"):
-                amp = row["strength"] if row.get("strength") == row.get("strength") else default_strength(ctx, int(row["feature"]))
-                st.session_state[LAB_ROWS] = [{"feature": int(row["feature"]), "strength": float(amp)}]
+                f = int(row["feature"])
+                amp, measured = ((row["strength"], True) if row.get("strength") == row.get("strength") else
+                                 strength_or_fallback(lambda: default_strength(ctx, f), f"finding a fluent strength for feature {f}"))
+                st.session_state[LAB_ROWS] = [{"feature": f, "strength": float(amp)}]
                 st.session_state["lab_mode"] = "paper"
                 st.session_state["lab_prompt"] = NEUTRAL_PROMPT
                 st.session_state["lab_autorun"] = True
-                st.rerun()
+                if measured:  # else this run goes on (the prompt and rows come below), so that the error stays on the page
+                    st.rerun()
 
 
 def demo_rows(ctx: AppContext) -> pd.DataFrame:
@@ -316,6 +327,7 @@ def render(ctx: AppContext) -> None:
     from ..common import require_sae
 
     require_sae(ctx)
+    sae = forget_other_sae(ctx, "lab", RESULTS)
     if st.toggle("Demo mode", key="lab_demo", help="preset features and plain-language explanations"):
         _demo_panel(ctx)
         st.divider()
@@ -337,10 +349,10 @@ def render(ctx: AppContext) -> None:
 
     with st.expander("Sampling", expanded=False):
         c1, c2, c3, c4 = st.columns(4)
-        temperature = c1.slider("Temperature", 0.0, 2.0, DEFAULT_TEMPERATURE, 0.05, key="lab_temp", help="0 = greedy; the paper samples at 0.7")
+        temperature = c1.slider("Temperature", 0.0, 2.0, PAPER_TEMPERATURE, 0.05, key="lab_temp", help="0 = greedy; the paper samples at 0.7")
         seed = int(c2.number_input("Seed", 0, 2**31 - 1, 0, key="lab_seed"))
-        max_new = c3.slider("Max new tokens", 1, 256, 32, key="lab_max_new")
-        fast = c4.checkbox(FAST_LABEL, value=ctx.lm.device.type == "cpu", key="lab_fast", help=FAST_HELP)
+        max_new = c3.slider("Max new tokens", 1, 256, LIVE_NEW_TOKENS, key="lab_max_new")
+        fast = c4.checkbox(FAST_LABEL, value=default_fast(ctx.lm), key="lab_fast", help=FAST_HELP)
 
     st.session_state[PROMPT] = prompt
     st.session_state[MODE] = mode
@@ -359,7 +371,7 @@ def render(ctx: AppContext) -> None:
     g1, g2 = st.columns([1, 4])
     go = g1.button("Generate", type="primary", key="lab_go")
     live = g2.toggle("Live", value=True, key="lab_live", help="restart generation whenever a strength, feature, prompt or sampling setting changes")
-    key = (prompt, params, fast)
+    key = (sae, prompt, params, fast)
     last = st.session_state.get("lab_last")
     if go or autorun or (live and (last is None or last.get("key") != key)):
         clicked = time.perf_counter()
