@@ -377,7 +377,14 @@ def matching_bundled(lm: LoadedModel, sae: LoadedSae, params: ScoreParams | None
     return None
 
 
-def _stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
+#: The arrays of :func:`stats_to_arrays` with one row per latent (the others are the token and sequence counts and
+#: the histogram's edges).
+STATS_PER_LATENT = ("fire_count", "max_activation", "hist_counts", "top_acts", "top_seq", "top_pos", "top_token",
+                    "win_start", "win_tokens", "win_acts")
+
+
+def stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
+    """An SAE's activation statistics as the arrays the cache stores (:func:`stats_from_arrays` reads them back)."""
     return {
         "n_tokens": np.array(s.n_tokens), "n_sequences": np.array(s.n_sequences), "fire_count": s.fire_count,
         "max_activation": s.max_activation, "hist_edges": s.hist_edges, "hist_counts": s.hist_counts,
@@ -386,19 +393,22 @@ def _stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
     }
 
 
-def _stats_from_arrays(sae: LoadedSae, a: dict[str, np.ndarray]) -> ActivationStats:
+def stats_from_arrays(sae: LoadedSae, a: dict[str, np.ndarray]) -> ActivationStats:
+    """The statistics :func:`stats_to_arrays` stored, for ``sae``."""
     return ActivationStats(sae.id, sae.layer, int(a["n_tokens"]), int(a["n_sequences"]), a["fire_count"], a["max_activation"],
                            a["hist_edges"], a["hist_counts"], a["top_acts"], a["top_seq"], a["top_pos"], a["top_token"],
                            a["win_start"], a["win_tokens"], a["win_acts"])
 
 
-def _output_to_arrays(r: OutputScoreResult) -> dict[str, np.ndarray]:
+def output_to_arrays(r: OutputScoreResult) -> dict[str, np.ndarray]:
+    """Output scores as the arrays the cache stores, one row per feature (:func:`output_from_arrays` reads them back)."""
     n = len(r.features)
     return {"features": r.features, "score": r.score, "min_rank": r.min_rank, "max_prob": r.max_prob, "token_ids": r.token_ids,
             "ranks": r.ranks, "probs": r.probs, "added": np.full(n, r.added_activation)}
 
 
-def _output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int) -> OutputScoreResult:
+def output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int) -> OutputScoreResult:
+    """The output scores :func:`output_to_arrays` stored."""
     added = float(a["added"][0]) if len(a["added"]) else math.nan
     return OutputScoreResult(a["features"], a["score"], a["min_rank"], a["max_prob"], a["token_ids"], a["ranks"], a["probs"],
                              added, vocab_size, rank_cap)
@@ -519,7 +529,7 @@ def compute_many(
         for s in todo:
             a = store.load_arrays(keys[s.id], "activations.npz")
             if a is not None:
-                stats[s.id] = _stats_from_arrays(s, a)
+                stats[s.id] = stats_from_arrays(s, a)
             else:
                 missing.append(s)
         if missing:
@@ -532,7 +542,7 @@ def compute_many(
                                        window, after, progress=lambda done, _t: report("activations", done, total))
             for s, st in zip(missing, fresh):
                 stats[s.id] = st
-                store.save_arrays(keys[s.id], "activations.npz", _stats_to_arrays(st))
+                store.save_arrays(keys[s.id], "activations.npz", stats_to_arrays(st))
 
     for s in todo:
         feats = np.arange(s.width, dtype=np.int64) if features is None else np.asarray(features, dtype=np.int64)
@@ -600,10 +610,10 @@ def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae,
     if len(feats) == sae.width and np.array_equal(feats, all_feats):
 
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-            return _output_to_arrays(output_scores(lm, sae, batch, features=all_feats[start:stop], lens=lens))
+            return output_to_arrays(output_scores(lm, sae, batch, features=all_feats[start:stop], lens=lens))
 
         arrays = store.chunked(key, "output", sae.width, OUTPUT_CHUNK, compute, progress)
-        return _output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
+        return output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
     found: dict[int, dict[str, np.ndarray]] = {}
     for start in sorted({int(f) // OUTPUT_CHUNK * OUTPUT_CHUNK for f in feats}):
         stop = min(start + OUTPUT_CHUNK, sae.width)
@@ -613,11 +623,11 @@ def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae,
                 found[int(f)] = {k: v[i] for k, v in part.items()}
     rest = np.array([f for f in feats if int(f) not in found], dtype=np.int64)
     if len(rest):
-        fresh = _output_to_arrays(output_scores(lm, sae, batch, features=rest, lens=lens.subset(rest), progress=progress))
+        fresh = output_to_arrays(output_scores(lm, sae, batch, features=rest, lens=lens.subset(rest), progress=progress))
         for i, f in enumerate(rest):
             found[int(f)] = {k: v[i] for k, v in fresh.items()}
     arrays = {k: np.stack([found[int(f)][k] for f in feats]) for k in found[int(feats[0])]}
-    return _output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
+    return output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
 
 
 def trim_contexts(data: FeatureData, keep: int, window: int, after: int = AFTER) -> FeatureData:
