@@ -285,20 +285,17 @@ def run_job(
     is saved, then :class:`JobFailed` names what is missing. ``kill=(sae_id, start)`` makes that chunk's worker
     die, ``kill_shard=start`` the worker of the corpus shard starting at that sequence (fault injection, for tests).
     """
-    from .features import (DEFAULT_TOKENS, OUTPUT_CHUNK, STATS_PER_LATENT, cache_keys, compute_many, stats_from_arrays,
-                           stats_to_arrays, take_sequences)
+    from .features import (DEFAULT_TOKENS, OUTPUT_CHUNK, STATS_PER_LATENT, cache_keys, check_only, compute_many,
+                           corpus_pass_sequences, stats_from_arrays, stats_to_arrays)
 
     params = params or ScoreParams()
     cluster = cluster or ClusterParams()
-    if only not in ("all", "output", "input"):
-        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
+    check_only(only, corpus_sequences)
     if len(saes) != len(refs) or not saes:
         raise ValueError("give one ref per SAE, and at least one SAE")
     ids = [s.id for s in saes]
     if len(set(ids)) != len(ids):
         raise ValueError(f"SAE ids must be distinct, got {ids}")
-    if only != "output" and corpus_sequences is None:
-        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
     store = store or store_mod.Store()
     if not store.enabled:
         raise ValueError("a distributed job writes its results into the feature cache: it cannot run with the cache disabled")
@@ -306,12 +303,7 @@ def run_job(
 
     fp_model = store_mod.model_fingerprint(lm)
     fps = [store_mod.sae_fingerprint(s) for s in saes]
-    seqs, corpus_fp = None, None
-    if only != "output":
-        seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
-        if not seqs:
-            raise ValueError("the corpus yielded no tokens")
-        corpus_fp = store_mod.tokens_fingerprint(seqs)
+    seqs, corpus_fp = corpus_pass_sequences(lm, corpus_sequences, n_tokens, only)
     keys = [cache_keys(fp_model, fp, params, corpus_fp, only, top_n, window, after) for fp in fps]
 
     # what is missing

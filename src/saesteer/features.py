@@ -350,6 +350,25 @@ def take_sequences(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos
     return list(limit_tokens(sequences, n_tokens, bos))
 
 
+def check_only(only: str, corpus_sequences) -> None:
+    """Refuse an unknown ``only``, and input scores asked for without a corpus."""
+    if only not in ("all", "output", "input"):
+        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
+    if only != "output" and corpus_sequences is None:
+        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
+
+
+def corpus_pass_sequences(lm: LoadedModel, corpus_sequences, n_tokens: int | None, only: str) -> tuple[list[list[int]] | None, str | None]:
+    """The sequences the activation pass reads and their fingerprint (the corpus part of the cache keys);
+    (None, None) when ``only="output"`` needs no corpus. An empty corpus is refused."""
+    if only == "output":
+        return None, None
+    seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
+    if not seqs:
+        raise ValueError("the corpus yielded no tokens")
+    return seqs, store_mod.tokens_fingerprint(seqs)
+
+
 def load_bundled(sae_id: str, model_name: str = EMBEDDED_MODEL) -> FeatureData | None:
     """Precomputed data shipped for a bundled SAE, or None when there is none (or it is damaged)."""
     d = bundled_feature_dir(model_name, sae_id)
@@ -384,7 +403,7 @@ STATS_PER_LATENT = ("fire_count", "max_activation", "hist_counts", "top_acts", "
 
 
 def stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
-    """An SAE's activation statistics as the arrays the cache stores (:func:`stats_from_arrays` reads them back)."""
+    """Activation statistics as the arrays the cache stores (:func:`stats_from_arrays` reads them back)."""
     return {
         "n_tokens": np.array(s.n_tokens), "n_sequences": np.array(s.n_sequences), "fire_count": s.fire_count,
         "max_activation": s.max_activation, "hist_edges": s.hist_edges, "hist_counts": s.hist_counts,
@@ -487,10 +506,7 @@ def compute_many(
     every feature, it costs the same). Results are read from and written to the cache unless ``cache=False``.
     """
     params = params or ScoreParams()
-    if only not in ("all", "output", "input"):
-        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
-    if only != "output" and corpus_sequences is None:
-        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
+    check_only(only, corpus_sequences)
     store = store or store_mod.Store(enabled=cache)
     if not cache:
         store = store_mod.Store(store.root, enabled=False)
@@ -503,12 +519,7 @@ def compute_many(
         for f in features if features is not None else ():
             s.check_feature(int(f))
 
-    seqs, corpus_fp = None, None
-    if only != "output":
-        seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
-        if not seqs:
-            raise ValueError("the corpus yielded no tokens")
-        corpus_fp = store_mod.tokens_fingerprint(seqs)
+    seqs, corpus_fp = corpus_pass_sequences(lm, corpus_sequences, n_tokens, only)
     score_part, act_part = _score_part(params), _act_part(corpus_fp, top_n, window, after)
 
     def full_key(s: LoadedSae) -> str:
