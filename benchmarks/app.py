@@ -94,7 +94,7 @@ def duel_part(lm, sae, data, concept: str, tokens: int, repeats: int) -> None:
     duel_rate(lm, sae, bank, concept, 4, fast=False)  # warm-up
     print(f"concept duel “{concept}”, {tokens} new tokens per column, sampled at 0.7 (median of {repeats}):")
     results = {}
-    for label, fast, max_batch in (("exact float32", False, steering.FAST_MAX_BATCH), ("bf16 copy (FAST_MAX_BATCH=3)", True, 3)):
+    for label, fast, max_batch in (("exact float32", False, steering.FAST_MAX_BATCH), ("bf16 copy", True, max(3, steering.FAST_MAX_BATCH))):
         old = steering.FAST_MAX_BATCH
         steering.FAST_MAX_BATCH = max_batch
         try:

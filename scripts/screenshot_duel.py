@@ -8,24 +8,15 @@ done, and save the page to ``assets/screenshots/duel.png`` (headless Chromium, D
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
+from saesteer.appserver import CHROME_ARGS, CHROMIUM, AppDidNotStart, app_env, running_app
+from saesteer.paths import FIXTURE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -41,58 +32,34 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's code
-    env.pop("SAESTEER_TEST_FIXTURE", None)
-    log_path = args.out.with_suffix(".log")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    log_path = args.out.with_suffix(".log")
     deadline = time.time() + args.timeout
     try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read().strip() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                print(f"error: streamlit did not start; see {log_path}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        query = {"layer": args.layer, "concept": args.concept, "seed": args.seed, "present": 1}
-        if args.strength is not None:
-            query["strength"] = f"{args.strength:g}"
-        url = f"{base}/Concept_duel?{urllib.parse.urlencode(query)}"
-        print("opening", url)
-        ms = int(max(1.0, deadline - time.time()) * 1000)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": args.width, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("text=Verdict.", timeout=ms)
-            page.wait_for_selector("text=Strength strip", timeout=ms)
-            page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=ms)
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(args.out), full_page=True)
-            verdict = page.locator("p", has_text="Verdict.").first.inner_text()
-            browser.close()
-        print(f"saved {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
-        print(verdict)
-        return 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        with running_app(ROOT, app_env(ROOT, {FIXTURE_ENV: None}), log_path, args.timeout) as base:
+            query = {"layer": args.layer, "concept": args.concept, "seed": args.seed, "present": 1}
+            if args.strength is not None:
+                query["strength"] = f"{args.strength:g}"
+            url = f"{base}/Concept_duel?{urllib.parse.urlencode(query)}"
+            print("opening", url)
+            ms = int(max(1.0, deadline - time.time()) * 1000)
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS, headless=True)
+                page = browser.new_page(viewport={"width": args.width, "height": 1000})
+                page.goto(url)
+                page.wait_for_selector("text=Verdict.", timeout=ms)
+                page.wait_for_selector("text=Strength strip", timeout=ms)
+                page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=ms)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(args.out), full_page=True)
+                verdict = page.locator("p", has_text="Verdict.").first.inner_text()
+                browser.close()
+            print(f"saved {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
+            print(verdict)
+            return 0
+    except AppDidNotStart as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from saesteer.models import LoadedModel
 from saesteer.paths import FIXTURE_ENV, ROOTS_ENV
 from saesteer.saes import LoadedSae
-from saesteer.testing import make_tiny_model, make_tiny_sae
+from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +33,17 @@ def tiny_lm() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_sae() -> LoadedSae:
     return make_tiny_sae()
+
+
+@pytest.fixture(scope="module")
+def word_bank():
+    """(model, SAE, FeatureBank): the tiny model, a layer-1 SAE and its bank over the fixture's ``WORDS``, for
+    candidate selection (the duel, the presets)."""
+    from saesteer.evaluation import FeatureBank
+
+    lm = make_tiny_model()
+    sae = make_tiny_sae(layer=1, seed=1)
+    return lm, sae, FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,7 @@ def test_device_line_names_the_device_and_the_path_taken(monkeypatch):
 
     from saesteer.testing import make_tiny_model
     from saesteer import steering
-    from saesteer.ui.pages.duel import device_line
+    from saesteer.ui.live import device_line
 
     lm = make_tiny_model()
     ctx = SimpleNamespace(lm=lm)

@@ -7,27 +7,17 @@ navigation, and that a steering run streams text. Screenshots go to ``test-artif
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from saesteer.appserver import CHROME_ARGS, CHROMIUM, AppDidNotStart, app_env, running_app
 from saesteer.paths import FIXTURE_ENV
 from saesteer.ui.nav import PAGES as NAV
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
-CHROME_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 #: URL path -> the page's heading: every page of ``nav.PAGES`` (the start page's heading is not its nav title).
 PAGES = {info.url_path: "SAEs are good for steering" if key == "home" else info.title for key, info in NAV.items()}
 XSS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
@@ -37,47 +27,17 @@ RENDER_MS = 120_000
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to run the browser test")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright==1.65.2")
-    port = _free_port()
-    # PYTHONPATH: the server runs this checkout's code, not whatever saesteer is installed.
-    env = {**os.environ, FIXTURE_ENV: "tiny", "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "PYTHONPATH": str(ROOT / "src")}
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_S
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read().strip() == b"ok":
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail(f"streamlit did not start; see {ARTIFACTS / 'streamlit.log'}")
-        time.sleep(0.5)
-    yield base
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with running_app(ROOT, app_env(ROOT, {FIXTURE_ENV: "tiny"}), ARTIFACTS / "streamlit.log", STARTUP_S) as base:
+            yield base
+    except AppDidNotStart as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

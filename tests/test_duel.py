@@ -8,22 +8,14 @@ import threading
 import pytest
 import torch
 
-from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
+from saesteer.testing import WORDS
 from saesteer import duel
 from saesteer.config import ConfigError, SteerParams
-from saesteer.evaluation import CandidateParams, FeatureBank
+from saesteer.evaluation import CandidateParams
 from saesteer.steering import generate, stream_rows
 
 LOOSE = CandidateParams(theta=0.2, top_k=1)
 """On random tiny data few features fire mostly on one word; looser thresholds give every kind of concept."""
-
-
-@pytest.fixture(scope="module")
-def parts():
-    lm = make_tiny_model()
-    sae = make_tiny_sae(layer=1, seed=1)
-    bank = FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))
-    return lm, sae, bank
 
 
 def kinds(lm, bank) -> dict[tuple, list[str]]:
@@ -61,8 +53,8 @@ def joined(it) -> list[str]:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_stream_rows_equals_generate_and_each_row_alone(parts, temperature):
-    lm, sae, _ = parts
+def test_stream_rows_equals_generate_and_each_row_alone(word_bank, temperature):
+    lm, sae, _ = word_bank
     feats = (3, 7)
     s = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
     params = SteerParams(max_new_tokens=10, temperature=temperature, seed=5)
@@ -74,8 +66,8 @@ def test_stream_rows_equals_generate_and_each_row_alone(parts, temperature):
     assert hooks(lm) == 0
 
 
-def test_stream_rows_refuses_bad_input(parts):
-    lm, sae, _ = parts
+def test_stream_rows_refuses_bad_input(word_bank):
+    lm, sae, _ = word_bank
     params = SteerParams(max_new_tokens=3)
     with pytest.raises(ConfigError, match="rows, n_features"):
         stream_rows(lm, "the", sae=sae, features=(1,), strengths=torch.tensor([1.0]), params=params)
@@ -90,8 +82,8 @@ def test_stream_rows_refuses_bad_input(parts):
 # Plans, live restarts, two sessions
 
 
-def test_plan_covers_both_one_and_no_pick(parts):
-    lm, _, bank = parts
+def test_plan_covers_both_one_and_no_pick(word_bank):
+    lm, _, bank = word_bank
     k = kinds(lm, bank)
     both, only, none = k[("activation", "output")][0], k[("output",)][0], k[()][0]
     p = duel.plan(duel.candidates(lm, bank, both, LOOSE))
@@ -106,8 +98,8 @@ def test_plan_covers_both_one_and_no_pick(parts):
     assert p.columns == ("baseline",) and "not one token" in p.missing["output"]
 
 
-def test_strength_rows_steer_each_column_alone(parts):
-    lm, _, bank = parts
+def test_strength_rows_steer_each_column_alone(word_bank):
+    lm, _, bank = word_bank
     both = kinds(lm, bank)[("activation", "output")]
     p = next(duel.plan(duel.candidates(lm, bank, w, LOOSE)) for w in both if not duel.plan(duel.candidates(lm, bank, w, LOOSE)).same_feature)
     feats, s = p.strength_rows(3.0)
@@ -115,8 +107,8 @@ def test_strength_rows_steer_each_column_alone(parts):
     assert s.tolist() == [[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]]
 
 
-def duel_plan(parts):
-    lm, _, bank = parts
+def duel_plan(word_bank):
+    lm, _, bank = word_bank
     for w in kinds(lm, bank)[("activation", "output")]:
         p = duel.plan(duel.candidates(lm, bank, w, LOOSE))
         if not p.same_feature:
@@ -124,10 +116,10 @@ def duel_plan(parts):
     raise AssertionError("the fixture has no concept with two different picks")
 
 
-def test_rapid_restarts_leave_nothing_behind_and_end_like_a_fresh_run(parts):
+def test_rapid_restarts_leave_nothing_behind_and_end_like_a_fresh_run(word_bank):
     """The live slider: each release closes the running stream after a token or two and starts another."""
-    lm, sae, _ = parts
-    p = duel_plan(parts)
+    lm, sae, _ = word_bank
+    p = duel_plan(word_bank)
     for i, amp in enumerate([1.0, 4.0, 2.5, 8.0, 0.5, 6.0]):
         it = duel.stream_duel(lm, sae, duel.DuelParams(concept=p.candidates.concept, strength=amp, max_new_tokens=40, seed=i), p)
         for _ in range(i % 3):  # closed before the first token, after one, after two
@@ -145,10 +137,10 @@ def test_rapid_restarts_leave_nothing_behind_and_end_like_a_fresh_run(parts):
     assert hooks(lm) == 0 and not stream_threads() and lock_free(lm)
 
 
-def test_closing_from_another_exception_mid_stream_cleans_up(parts):
+def test_closing_from_another_exception_mid_stream_cleans_up(word_bank):
     """Streamlit stops a script that the user re-ran by raising inside it; the stream must close with it."""
-    lm, sae, _ = parts
-    p = duel_plan(parts)
+    lm, sae, _ = word_bank
+    p = duel_plan(word_bank)
 
     class Rerun(Exception):
         pass
@@ -163,9 +155,9 @@ def test_closing_from_another_exception_mid_stream_cleans_up(parts):
     assert hooks(lm) == 0 and not stream_threads() and lock_free(lm)
 
 
-def test_two_sessions_duelling_at_once_get_their_solo_outputs(parts):
-    lm, sae, _ = parts
-    p = duel_plan(parts)
+def test_two_sessions_duelling_at_once_get_their_solo_outputs(word_bank):
+    lm, sae, _ = word_bank
+    p = duel_plan(word_bank)
     settings = [duel.DuelParams(concept="a", strength=2.0, seed=1, max_new_tokens=12), duel.DuelParams(concept="a", strength=7.0, seed=9, max_new_tokens=12)]
 
     def run(params):
@@ -193,9 +185,9 @@ def test_two_sessions_duelling_at_once_get_their_solo_outputs(parts):
     assert hooks(lm) == 0 and not stream_threads()
 
 
-def test_strip_rows_equal_each_strength_alone(parts):
-    lm, sae, _ = parts
-    p = duel_plan(parts)
+def test_strip_rows_equal_each_strength_alone(word_bank):
+    lm, sae, _ = word_bank
+    p = duel_plan(word_bank)
     params = duel.DuelParams(concept="a", strength=2.0, seed=3)
     amps = duel.strip_strengths(2.0)
     assert 4 <= len(amps) <= 6 and 2.0 in amps and all(0 < a <= duel.MAX_AMP for a in amps)
@@ -230,9 +222,9 @@ def stats(col, hits, fluency):
     return duel.ColumnStats(col, "", hits, 0.0, 5.0, fluency)
 
 
-def test_verdict_is_computed_from_the_numbers(parts):
-    lm, _, bank = parts
-    p = duel_plan(parts)
+def test_verdict_is_computed_from_the_numbers(word_bank):
+    lm, _, bank = word_bank
+    p = duel_plan(word_bank)
     c = p.candidates.concept
     win = duel.verdict(p, {"baseline": stats("baseline", 0, 1), "activation": stats("activation", 0, 0.9), "output": stats("output", 3, 0.8)}, 2.0)
     assert "What says it steers" in win and "3 times" in win and "never said" in win
@@ -248,8 +240,8 @@ def test_verdict_is_computed_from_the_numbers(parts):
     assert "No feature" in duel.verdict(none, {"baseline": stats("baseline", 0, 1)}, 2.0)
 
 
-def test_score_uses_the_baseline_as_reference(parts):
-    lm, _, _ = parts
+def test_score_uses_the_baseline_as_reference(word_bank):
+    lm, _, _ = word_bank
     texts = {"baseline": " the king said the queen", "output": " water water water water water", "activation": ""}
     out = duel.score(lm, "the", "water", texts)
     assert out["baseline"].fluency == pytest.approx(1 - out["baseline"].repetition)  # its own reference: ppl factor 1

@@ -9,17 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saesteer.testing import WORDS, make_tiny_model, make_tiny_sae, tiny_feature_data
+from saesteer.testing import WORDS
 from saesteer import presets
 from saesteer.evaluation import FeatureBank, repetition
-
-
-@pytest.fixture(scope="module")
-def parts():
-    lm = make_tiny_model()
-    sae = make_tiny_sae(layer=1, seed=1)
-    bank = FeatureBank.from_feature_data(tiny_feature_data(lm, sae, WORDS))
-    return lm, sae, bank
 
 
 def word_features(lm, bank) -> list[tuple[int, str]]:
@@ -55,8 +47,8 @@ def test_top_word_is_a_word_of_four_latin_letters():
     assert presets.mentions_word("Oceans and the ocean, OCEAN!", "ocean") == 2
 
 
-def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_model(parts, tmp_path):
-    lm, sae, bank = parts
+def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_model(word_bank, tmp_path):
+    lm, sae, bank = word_bank
     (f1, w1), (f2, w2), (f3, w3) = word_features(lm, bank)[:3]
     rows = [
         summary_row("alpha", "sae_output", f1, 3.0, 0.6, combined=0.5), summary_row("alpha", "unsteered", -1, 0.0, 0.1),
@@ -75,8 +67,8 @@ def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_mod
     assert presets.feature_strength(lm, sae, d, f3, bank) == (2.0, d.reason)  # any feature: the layer's evaluated amp
 
 
-def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(parts, tmp_path):
-    lm, sae, bank = parts
+def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(word_bank, tmp_path):
+    lm, sae, bank = word_bank
     d = presets.defaults(lm, sae, bank, roots=[tmp_path])
     assert d.source == "calibration" and d.strength is None and "no evaluation" in d.reason
     f, _ = word_features(lm, bank)[0]
@@ -89,8 +81,8 @@ def test_stale_or_absent_results_fall_back_to_calibration_and_say_why(parts, tmp
         assert p.word.rstrip("s") == p.concept.lower().rstrip("s") or p.word.startswith(p.concept.lower())
 
 
-def test_fallback_presets_are_concepts_whose_output_pick_says_them(parts):
-    lm, _, bank = parts
+def test_fallback_presets_are_concepts_whose_output_pick_says_them(word_bank):
+    lm, _, bank = word_bank
     concepts = [w for w in sorted(set(WORDS)) if len(w) >= 4 and w.isalpha()]
     got = presets.fallback_presets(bank, lm.tokenizer, concepts, n=10)
     from saesteer.evaluation import candidates_for
@@ -114,8 +106,8 @@ def test_calibration_takes_the_smallest_fluent_amp_that_says_the_word():
     assert not c.ok and c.strength == presets.FALLBACK_STRENGTH and "no amp" in c.describe()
 
 
-def test_calibrate_runs_one_batch_and_caches(parts, monkeypatch):
-    lm, sae, bank = parts
+def test_calibrate_runs_one_batch_and_caches(word_bank, monkeypatch):
+    lm, sae, bank = word_bank
     presets.clear_cache()
     calls = []
     real = presets.generate

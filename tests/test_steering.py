@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from saesteer import steering
 from saesteer.config import ConfigError, SteerParams
 from saesteer.saes import SaeLoadError
 from saesteer.steering import (
@@ -278,9 +279,12 @@ def test_stream_concatenated_equals_generate(tiny_lm, tiny_sae, temperature):
     assert_no_hooks(tiny_lm)
 
 
-def test_stream_closed_early_releases_lock_and_hooks(tiny_lm, tiny_sae):
+@pytest.mark.parametrize("streamer", [stream, stream_pair], ids=["stream", "stream_pair"])
+def test_stream_closed_early_releases_lock_and_hooks(tiny_lm, tiny_sae, streamer):
+    """Closed after its first piece, a stream leaves no hook and frees the model's lock; the lock is an RLock,
+    so only another thread can tell that it is free."""
     params = SteerParams(features=(5,), strengths=(4.0,), max_new_tokens=200)
-    it = stream(tiny_lm, PROMPTS[0], sae=tiny_sae, params=params)
+    it = streamer(tiny_lm, PROMPTS[0], sae=tiny_sae, params=params)
     next(it)
     it.close()
     assert_no_hooks(tiny_lm)
@@ -386,16 +390,6 @@ def test_per_row_seeds_sample_each_row_as_alone(tiny_lm):
         generate(tiny_lm, PROMPTS[:2], seed=[1, 2.5], **kw)
 
 
-def test_stream_pair_closed_early_releases_lock_and_hooks(tiny_lm, tiny_sae):
-    params = SteerParams(features=(5,), strengths=(4.0,), max_new_tokens=200)
-    it = stream_pair(tiny_lm, PROMPTS[0], sae=tiny_sae, params=params)
-    next(it)
-    it.close()
-    assert_no_hooks(tiny_lm)
-    assert tiny_lm.lock.acquire(timeout=10)
-    tiny_lm.lock.release()
-
-
 def test_stream_pair_validates_at_call_time(tiny_lm, tiny_sae):
     with pytest.raises(ConfigError, match="empty"):
         stream_pair(tiny_lm, " ", sae=tiny_sae, params=SteerParams())
@@ -431,8 +425,8 @@ def test_fast_copy_is_built_once_and_leaves_the_model_alone():
     assert all(not p.requires_grad for p in fast.parameters())
     generate(lm, PROMPTS[0], max_new_tokens=3, fast=True)
     assert fast_model(lm) is fast
-    assert decoding_model(lm, 1, True) is fast and decoding_model(lm, 2, True) is fast
-    assert decoding_model(lm, 3, True) is lm.model and decoding_model(lm, 1, False) is lm.model
+    assert all(decoding_model(lm, b, True) is fast for b in (1, 2, 3, steering.FAST_MAX_BATCH))  # the duel's 3 rows too
+    assert decoding_model(lm, steering.FAST_MAX_BATCH + 1, True) is lm.model and decoding_model(lm, 1, False) is lm.model
     # The cache holds the copy only while the model lives (the copy does not refer back to it).
     gone = weakref.ref(fast)
     del lm, fast, copies

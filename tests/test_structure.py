@@ -18,26 +18,71 @@ PRODUCTION = [*sorted(PACKAGE.rglob("*.py")), ROOT / "app.py", *sorted((ROOT / "
               *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "scripts").glob("*.py"))]
 
 
+def _package_of(path: Path) -> str | None:
+    """The package a relative import in ``path`` starts from (None outside ``src/saesteer``)."""
+    if not path.is_relative_to(PACKAGE):
+        return None
+    package = ".".join(("saesteer", *path.relative_to(PACKAGE).with_suffix("").parts))
+    return package if path.name == "__init__.py" else package.rsplit(".", 1)[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str | None) -> str:
+    """The absolute name of the module a ``from ... import`` reads."""
+    if node.level and package:
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        return ".".join([*base, node.module] if node.module else base)
+    return node.module or ""
+
+
 def _imports(path: Path) -> list[str]:
     """Absolute names of the modules ``path`` imports (relative imports resolved against the package)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = None
-    if path.is_relative_to(PACKAGE):
-        package = ".".join(("saesteer", *path.relative_to(PACKAGE).with_suffix("").parts))
-        if path.name != "__init__.py":
-            package = package.rsplit(".", 1)[0]
+    package = _package_of(path)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level and package:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join([*base, node.module] if node.module else base)
-            else:
-                module = node.module or ""
+            module = _from_module(node, package)
             out.append(module)
             out += [f"{module}.{a.name}" for a in node.names]
+    return out
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` (e.g. ``saesteer.ui.loaders``) is a module or package of saesteer."""
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``module._name`` for each underscore-private name of another saesteer module that ``path`` imports
+    (``from m import _name``) or reads off an imported module (``m._name``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _package_of(path)
+    modules: dict[str, str] = {}  # local name -> saesteer module it is bound to
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = _from_module(node, package)
+            if module.split(".")[0] != "saesteer":
+                continue
+            for a in node.names:
+                if _private(a.name):
+                    out.append(f"{module}.{a.name}")
+                elif _is_module(f"{module}.{a.name}"):
+                    modules[a.asname or a.name] = f"{module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "saesteer":
+                    modules[a.asname or a.name.split(".")[0]] = a.name if a.asname else "saesteer"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            out.append(f"{modules[node.value.id]}.{node.attr}")
     return out
 
 
@@ -92,3 +137,29 @@ def test_page_url_paths_follow_the_file_names():
     assert PAGES["home"].url_path == ""
     assert PAGES["card"].url_path == "Feature_card"
     assert PAGES["features"].url_path == "Features_side_by_side"
+
+
+def test_no_page_imports_another_page():
+    """Pages share code through helper modules in ``ui/`` (e.g. ``ui/live.py``, ``ui/session.py``), never by
+    importing each other."""
+    offenders = []
+    for path in sorted((PACKAGE / "ui" / "pages").glob("*.py")):
+        others = {f"saesteer.ui.pages.{key}" for key in PAGES if key != path.stem}
+        reached = sorted({n for n in _imports(path) if n in others or n.rsplit(".", 1)[0] in others})
+        if reached:
+            offenders.append(f"ui/pages/{path.name} imports {reached}")
+    assert not offenders, offenders
+
+
+#: Known uses still to be removed, each by the change that owns its file (an entry that is gone fails the test,
+#: so the list only shrinks). ui/pages/evaluation.py: the evaluation page's rewrite gives it a public name (issue 13).
+PENDING_PRIVATE_USES = {"ui/pages/evaluation.py: saesteer.ui.loaders._fingerprint"}
+
+
+def test_no_module_uses_another_modules_private_names():
+    """An underscore name is private to its module: nothing in the package imports it or reads it off an
+    imported module (a helper two modules need gets a public name in the module that owns it)."""
+    found = {f"{p.relative_to(PACKAGE)}: {use}" for p in sorted(PACKAGE.rglob("*.py")) for use in _private_uses(p)}
+    assert not found - PENDING_PRIVATE_USES, sorted(found - PENDING_PRIVATE_USES)
+    gone = PENDING_PRIVATE_USES - found
+    assert not gone, f"{sorted(gone)} no longer happen: remove them from PENDING_PRIVATE_USES"

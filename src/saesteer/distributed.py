@@ -171,7 +171,7 @@ def _set_threads(n: float) -> None:
 
 def _chunk_task(loader: Loader, ref, start: int, stop: int, params: ScoreParams, with_output: bool, threads: float, kill: bool = False):
     """Logit lens (and output scores) of features start..stop-1 of one SAE, as arrays ready to store."""
-    from .features import OUTPUT_CHUNK, _output_to_arrays
+    from .features import OUTPUT_CHUNK, output_to_arrays
     from .scores import logit_lens, output_scores
 
     if kill:  # fault injection for the tests: this worker process dies as a crashed or preempted one would
@@ -184,7 +184,7 @@ def _chunk_task(loader: Loader, ref, start: int, stop: int, params: ScoreParams,
                     "bottom_ids": lens.bottom_ids, "bottom_logits": lens.bottom_logits}}
     if with_output:
         batch = ScoreParams(params.prompt, params.amp, params.top_k, min(params.batch_size, OUTPUT_CHUNK))
-        out["output"] = _output_to_arrays(output_scores(lm, sae, batch, features=feats, lens=lens))
+        out["output"] = output_to_arrays(output_scores(lm, sae, batch, features=feats, lens=lens))
     out["pid"], out["model_loads"] = os.getpid(), _MODEL_LOADS
     return out
 
@@ -193,7 +193,7 @@ def _shard_task(loader: Loader, refs: tuple, sequences: list[list[int]], first: 
                 top_n: int, window: int, after: int, threads: float):
     """Activation statistics of one corpus shard for several SAEs (one forward per batch serves them all)."""
     from .activations import activation_pass
-    from .features import _stats_to_arrays
+    from .features import stats_to_arrays
 
     _set_threads(threads)
     lm, saes = None, []
@@ -201,7 +201,7 @@ def _shard_task(loader: Loader, refs: tuple, sequences: list[list[int]], first: 
         lm, sae = _worker_objects(loader, ref)
         saes.append(sae)
     stats = activation_pass(lm, saes, sequences, None, batch_sequences, top_n, window, after, first_sequence=first)
-    return {"stats": [_stats_to_arrays(s) for s in stats], "pid": os.getpid(), "model_loads": _MODEL_LOADS}
+    return {"stats": [stats_to_arrays(s) for s in stats], "pid": os.getpid(), "model_loads": _MODEL_LOADS}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,19 +276,17 @@ def run_job(
     is saved, then :class:`JobFailed` names what is missing. ``kill=(sae_id, start)`` makes that chunk's worker
     die (fault injection, for tests).
     """
-    from .features import DEFAULT_TOKENS, OUTPUT_CHUNK, _stats_from_arrays, _stats_to_arrays, cache_keys, compute_many, take_sequences
+    from .features import (DEFAULT_TOKENS, OUTPUT_CHUNK, cache_keys, check_only, compute_many, corpus_pass_sequences,
+                           stats_from_arrays, stats_to_arrays)
 
     params = params or ScoreParams()
     cluster = cluster or ClusterParams()
-    if only not in ("all", "output", "input"):
-        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
+    check_only(only, corpus_sequences)
     if len(saes) != len(refs) or not saes:
         raise ValueError("give one ref per SAE, and at least one SAE")
     ids = [s.id for s in saes]
     if len(set(ids)) != len(ids):
         raise ValueError(f"SAE ids must be distinct, got {ids}")
-    if only != "output" and corpus_sequences is None:
-        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
     store = store or store_mod.Store()
     if not store.enabled:
         raise ValueError("a distributed job writes its results into the feature cache: it cannot run with the cache disabled")
@@ -296,12 +294,7 @@ def run_job(
 
     fp_model = store_mod.model_fingerprint(lm)
     fps = [store_mod.sae_fingerprint(s) for s in saes]
-    seqs, corpus_fp = None, None
-    if only != "output":
-        seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
-        if not seqs:
-            raise ValueError("the corpus yielded no tokens")
-        corpus_fp = store_mod.tokens_fingerprint(seqs)
+    seqs, corpus_fp = corpus_pass_sequences(lm, corpus_sequences, n_tokens, only)
     keys = [cache_keys(fp_model, fp, params, corpus_fp, only, top_n, window, after) for fp in fps]
 
     # what is missing
@@ -393,9 +386,9 @@ def run_job(
             merged: ActivationStats | None = None
             step = -(-max(cluster.shard_sequences, 1) // batch_sequences) * batch_sequences
             for start in range(0, len(seqs), step):
-                part = _stats_from_arrays(s, store.load_arrays(keys[i].activations, _shard_name(start, min(start + step, len(seqs)))))
+                part = stats_from_arrays(s, store.load_arrays(keys[i].activations, _shard_name(start, min(start + step, len(seqs)))))
                 merged = part if merged is None else merge_stats(merged, part)
-            store.save_arrays(keys[i].activations, "activations.npz", _stats_to_arrays(merged))
+            store.save_arrays(keys[i].activations, "activations.npz", stats_to_arrays(merged))
             for start in range(0, len(seqs), step):  # the merged file replaces the shards (each as large as it)
                 path = store.path(keys[i].activations, _shard_name(start, min(start + step, len(seqs))))
                 store._discard(path)

@@ -350,6 +350,25 @@ def take_sequences(sequences: Iterable[Sequence[int]], n_tokens: int | None, bos
     return list(limit_tokens(sequences, n_tokens, bos))
 
 
+def check_only(only: str, corpus_sequences) -> None:
+    """Refuse an unknown ``only``, and input scores asked for without a corpus."""
+    if only not in ("all", "output", "input"):
+        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
+    if only != "output" and corpus_sequences is None:
+        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
+
+
+def corpus_pass_sequences(lm: LoadedModel, corpus_sequences, n_tokens: int | None, only: str) -> tuple[list[list[int]] | None, str | None]:
+    """The sequences the activation pass reads and their fingerprint (the corpus part of the cache keys);
+    (None, None) when ``only="output"`` needs no corpus. An empty corpus is refused."""
+    if only == "output":
+        return None, None
+    seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
+    if not seqs:
+        raise ValueError("the corpus yielded no tokens")
+    return seqs, store_mod.tokens_fingerprint(seqs)
+
+
 def load_bundled(sae_id: str, model_name: str = EMBEDDED_MODEL) -> FeatureData | None:
     """Precomputed data shipped for a bundled SAE, or None when there is none (or it is damaged)."""
     d = bundled_feature_dir(model_name, sae_id)
@@ -377,7 +396,8 @@ def matching_bundled(lm: LoadedModel, sae: LoadedSae, params: ScoreParams | None
     return None
 
 
-def _stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
+def stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
+    """Activation statistics as the arrays the cache stores (:func:`stats_from_arrays` reads them back)."""
     return {
         "n_tokens": np.array(s.n_tokens), "n_sequences": np.array(s.n_sequences), "fire_count": s.fire_count,
         "max_activation": s.max_activation, "hist_edges": s.hist_edges, "hist_counts": s.hist_counts,
@@ -386,19 +406,20 @@ def _stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
     }
 
 
-def _stats_from_arrays(sae: LoadedSae, a: dict[str, np.ndarray]) -> ActivationStats:
+def stats_from_arrays(sae: LoadedSae, a: dict[str, np.ndarray]) -> ActivationStats:
     return ActivationStats(sae.id, sae.layer, int(a["n_tokens"]), int(a["n_sequences"]), a["fire_count"], a["max_activation"],
                            a["hist_edges"], a["hist_counts"], a["top_acts"], a["top_seq"], a["top_pos"], a["top_token"],
                            a["win_start"], a["win_tokens"], a["win_acts"])
 
 
-def _output_to_arrays(r: OutputScoreResult) -> dict[str, np.ndarray]:
+def output_to_arrays(r: OutputScoreResult) -> dict[str, np.ndarray]:
+    """Output scores as the arrays the cache stores (:func:`output_from_arrays` reads them back)."""
     n = len(r.features)
     return {"features": r.features, "score": r.score, "min_rank": r.min_rank, "max_prob": r.max_prob, "token_ids": r.token_ids,
             "ranks": r.ranks, "probs": r.probs, "added": np.full(n, r.added_activation)}
 
 
-def _output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int) -> OutputScoreResult:
+def output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int) -> OutputScoreResult:
     added = float(a["added"][0]) if len(a["added"]) else math.nan
     return OutputScoreResult(a["features"], a["score"], a["min_rank"], a["max_prob"], a["token_ids"], a["ranks"], a["probs"],
                              added, vocab_size, rank_cap)
@@ -477,10 +498,7 @@ def compute_many(
     every feature, it costs the same). Results are read from and written to the cache unless ``cache=False``.
     """
     params = params or ScoreParams()
-    if only not in ("all", "output", "input"):
-        raise ValueError(f"only={only!r} is unknown: use 'all', 'output' or 'input'")
-    if only != "output" and corpus_sequences is None:
-        raise ValueError("input scores need a corpus: pass corpus_sequences, or use only='output'")
+    check_only(only, corpus_sequences)
     store = store or store_mod.Store(enabled=cache)
     if not cache:
         store = store_mod.Store(store.root, enabled=False)
@@ -493,12 +511,7 @@ def compute_many(
         for f in features if features is not None else ():
             s.check_feature(int(f))
 
-    seqs, corpus_fp = None, None
-    if only != "output":
-        seqs = take_sequences(corpus_sequences, n_tokens, lm.tokenizer.bos_token_id)
-        if not seqs:
-            raise ValueError("the corpus yielded no tokens")
-        corpus_fp = store_mod.tokens_fingerprint(seqs)
+    seqs, corpus_fp = corpus_pass_sequences(lm, corpus_sequences, n_tokens, only)
     score_part, act_part = _score_part(params), _act_part(corpus_fp, top_n, window, after)
 
     def full_key(s: LoadedSae) -> str:
@@ -519,7 +532,7 @@ def compute_many(
         for s in todo:
             a = store.load_arrays(keys[s.id], "activations.npz")
             if a is not None:
-                stats[s.id] = _stats_from_arrays(s, a)
+                stats[s.id] = stats_from_arrays(s, a)
             else:
                 missing.append(s)
         if missing:
@@ -532,7 +545,7 @@ def compute_many(
                                        window, after, progress=lambda done, _t: report("activations", done, total))
             for s, st in zip(missing, fresh):
                 stats[s.id] = st
-                store.save_arrays(keys[s.id], "activations.npz", _stats_to_arrays(st))
+                store.save_arrays(keys[s.id], "activations.npz", stats_to_arrays(st))
 
     for s in todo:
         feats = np.arange(s.width, dtype=np.int64) if features is None else np.asarray(features, dtype=np.int64)
@@ -600,10 +613,10 @@ def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae,
     if len(feats) == sae.width and np.array_equal(feats, all_feats):
 
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-            return _output_to_arrays(output_scores(lm, sae, batch, features=all_feats[start:stop], lens=lens))
+            return output_to_arrays(output_scores(lm, sae, batch, features=all_feats[start:stop], lens=lens))
 
         arrays = store.chunked(key, "output", sae.width, OUTPUT_CHUNK, compute, progress)
-        return _output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
+        return output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
     found: dict[int, dict[str, np.ndarray]] = {}
     for start in sorted({int(f) // OUTPUT_CHUNK * OUTPUT_CHUNK for f in feats}):
         stop = min(start + OUTPUT_CHUNK, sae.width)
@@ -613,11 +626,11 @@ def _output_scores_cached(lm, sae, params, feats, lens, store, fp_model, fp_sae,
                 found[int(f)] = {k: v[i] for k, v in part.items()}
     rest = np.array([f for f in feats if int(f) not in found], dtype=np.int64)
     if len(rest):
-        fresh = _output_to_arrays(output_scores(lm, sae, batch, features=rest, lens=lens.subset(rest), progress=progress))
+        fresh = output_to_arrays(output_scores(lm, sae, batch, features=rest, lens=lens.subset(rest), progress=progress))
         for i, f in enumerate(rest):
             found[int(f)] = {k: v[i] for k, v in fresh.items()}
     arrays = {k: np.stack([found[int(f)][k] for f in feats]) for k in found[int(feats[0])]}
-    return _output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
+    return output_from_arrays(arrays, lm.vocab_size, DETAIL_RANK_CAP)
 
 
 def trim_contexts(data: FeatureData, keep: int, window: int, after: int = AFTER) -> FeatureData:

@@ -224,10 +224,12 @@ def steer(
 # --------------------------------------------------------------------------------------------------
 
 FAST_DTYPE = torch.bfloat16
-FAST_MAX_BATCH = 2
-"""``fast=True`` decodes batches of up to this many rows (one live stream, or a baseline/steered pair) on
-the bf16 copy; larger batches are compute-bound, where bf16 is slower than float32 on CPUs without bf16
-arithmetic, and keep the float32 model."""
+FAST_MAX_BATCH = 12
+"""``fast=True`` decodes batches of up to this many rows on the bf16 copy: one live stream, the lab's
+baseline/steered pair, the concept duel's three columns and its strength strip. Larger batches (the
+evaluation's hundreds of rows) keep the float32 model, whose results the evaluation reports. On this 2-core
+CPU the copy decoded 2.9-4.4x faster than float32 at every batch from 3 to 12 rows, measured in one run
+(``benchmarks/fast_batch.py``; figures in ``benchmarks/results/fast_batch.md``)."""
 
 _FAST_MODELS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 _FAST_MODELS_LOCK = threading.Lock()

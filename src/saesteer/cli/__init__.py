@@ -67,3 +67,18 @@ def precheck_sae(sae_spec, model_name: str, features=()) -> None:
 
 def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     return build(ModelSpec, args, MODEL_FLAGS)
+
+
+def add_model_and_sae_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a subcommand that loads a model and one SAE."""
+    add_model_args(p)
+    add_sae_args(p)
+
+
+def specs_from_args(args: argparse.Namespace, features=()):
+    """The (ModelSpec, SaeSpec) the flags name, the SAE prechecked with ``features`` (:func:`precheck_sae`), so
+    that a wrong SAE or feature id fails before the model loads."""
+    sae_spec = sae_spec_from_args(args)
+    model_spec = model_spec_from_args(args)
+    precheck_sae(sae_spec, model_spec.name, features)
+    return model_spec, sae_spec

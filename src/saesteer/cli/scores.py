@@ -8,15 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import ClusterParams, ScoreParams
-from . import (
-    USER_ERRORS,
-    add_model_args,
-    add_sae_args,
-    fail,
-    model_spec_from_args,
-    precheck_sae,
-    sae_spec_from_args,
-)
+from . import USER_ERRORS, add_model_and_sae_args, fail, specs_from_args
 from .flags import Flag, add_flags, build, integer, number
 
 #: The ScoreParams fields the command line sets.
@@ -29,8 +21,7 @@ SHOWN = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    add_sae_args(p)
+    add_model_and_sae_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--features", default=None, help="feature ids, e.g. 1,2,3 or 10-20 (default: all)")
     which.add_argument("--all", action="store_true", help="every feature of the SAE (the default)")
@@ -66,7 +57,8 @@ def parse_features(text: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags that need no model (``--tokens``, ``--context-size``, ``--out``, the score parameters)."""
     from ..config import ConfigError, ScoreParams
 
     if args.tokens is not None and args.tokens < 1:
@@ -82,7 +74,7 @@ def _check_args(args: argparse.Namespace) -> None:
     build(ScoreParams, args, FLAGS)
 
 
-class _Bars:
+class Bars:
     """One tqdm bar per stage, created on first report."""
 
     def __init__(self):
@@ -132,14 +124,9 @@ def run(args: argparse.Namespace) -> int:
     from ..subsets import can_restrict, compute_subset
 
     try:
-        _check_args(args)
+        check_args(args)
         features = parse_features(args.features) if args.features else None
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-    except USER_ERRORS as exc:
-        return fail(str(exc))
-    try:
-        precheck_sae(sae_spec, model_spec.name, features or ())
+        model_spec, sae_spec = specs_from_args(args, features or ())
         lm = load_model(model_spec)
         sae = load_sae(sae_spec, lm, model_name=model_spec.name)
         for f in features or []:
@@ -165,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if data is not None:
         print(f"using the feature data shipped for '{sae.id}' ({data.meta.get('n_tokens')} corpus tokens)", file=sys.stderr)
     else:
-        bars = _Bars()
+        bars = Bars()
         try:
             options = dict(n_tokens=args.tokens or DEFAULT_TOKENS, only=args.only, cache=not args.no_cache, progress=bars, corpus_name=args.corpus)
             if features and can_restrict(sae):  # a wide JumpReLU/ReLU SAE: only these latents in the corpus pass

@@ -44,10 +44,10 @@ def run_many(args: argparse.Namespace) -> int:
     from ..saes import precheck, select
     from ..store import Store, sae_fingerprint
     from .flags import build
-    from .scores import FLAGS, RAY_FLAGS, _Bars, _check_args
+    from .scores import FLAGS, RAY_FLAGS, Bars, check_args
 
     try:
-        _check_args(args)
+        check_args(args)
         _refuse_single_flags(args)
         layers = parse_layers(args.layers) if args.layers else None
         model_spec = model_spec_from_args(args)
@@ -103,7 +103,7 @@ def run_many(args: argparse.Namespace) -> int:
             print(f"ray: {report.submitted} task(s) run on {len(report.pids)} worker process(es), {report.cached} already cached",
                   file=sys.stderr)
         else:
-            bars = _Bars()
+            bars = Bars()
             try:
                 datas = compute_many(lm, saes, sequences, params, n_tokens, only=args.only, cache=not args.no_cache,
                                      progress=bars, corpus_name=args.corpus)

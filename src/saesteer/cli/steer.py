@@ -6,15 +6,7 @@ import argparse
 import json
 
 from ..config import ConfigError, SteerParams
-from . import (
-    USER_ERRORS,
-    add_model_args,
-    add_sae_args,
-    fail,
-    model_spec_from_args,
-    precheck_sae,
-    sae_spec_from_args,
-)
+from . import USER_ERRORS, add_model_and_sae_args, fail, specs_from_args
 from .flags import Flag, add_flags, build, integer, number, parse_float, parse_int, text
 
 
@@ -28,8 +20,7 @@ FLAGS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    add_sae_args(p)
+    add_model_and_sae_args(p)
     # Parsed as strings so that bad values get saesteer's one-line error instead of argparse's usage dump.
     p.add_argument("--feature", action="append", default=[], help="feature id (repeat for several features)")
     p.add_argument("--strength", action="append", default=[], help="strength per --feature: amp (paper) or coefficient (additive)")
@@ -76,9 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = params_from_args(args)
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-        precheck_sae(sae_spec, model_spec.name, params.features)
+        model_spec, sae_spec = specs_from_args(args, params.features)
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         for f in params.features:

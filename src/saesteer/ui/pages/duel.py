@@ -12,12 +12,11 @@ import streamlit as st
 from ... import duel as duel_lib
 from ... import presets as presets_lib
 from ...config import ConfigError
-from ...evaluation import FeatureBank
 from ..context import AppContext
 from ..data import live_lens_tokens
+from ..live import bank_for, defaults_for, device_line, shown_errors
 from ..render import contexts_html, token_chips_html
 from ..session import CONCEPT, PRESENT, SEED, STRENGTH
-from .lab import _shown_errors
 
 COLORS = {"baseline": "#7f7f7f", "activation": "#1f77b4", "output": "#d62728"}
 MANAGER_LINE = (
@@ -31,51 +30,6 @@ OOM_DUEL = "use fewer new tokens or a shorter prompt, or untick fast decode"
 STRIP_KEY = "duel_strip"
 LAST = "duel_last"
 DONE = "duel_done_key"
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _bank(sae_id: str, _data) -> FeatureBank:
-    return FeatureBank.from_feature_data(_data, source=sae_id)
-
-
-def bank_for(ctx: AppContext) -> FeatureBank:
-    return _bank(f"{ctx.sae.id}:{id(ctx.data)}", ctx.data)
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _defaults(key: tuple, _lm, _sae, _bank) -> presets_lib.Defaults:
-    return presets_lib.defaults(_lm, _sae, _bank)
-
-
-def _results_stamp() -> tuple:
-    """Changes when an evaluation run is added or rewritten (the defaults then follow it)."""
-    from ...evaluation import eval_roots
-
-    metas = [m for root in eval_roots() for m in sorted(root.glob("**/meta.json"))]
-    return tuple((str(m), m.stat().st_mtime) for m in metas)
-
-
-def defaults_for(ctx: AppContext) -> presets_lib.Defaults:
-    """The fluent defaults at the selected SAE (:func:`saesteer.presets.defaults`), cached per SAE and results."""
-    return _defaults((ctx.sae.id, id(ctx.data), _results_stamp()), ctx.lm, ctx.sae, bank_for(ctx))
-
-
-def device_line(ctx: AppContext, fast: bool, rows: int = 3) -> str:
-    """Which device decodes a batch of ``rows``, and on which path, in one line (the path actually taken:
-    ``steering.decoding_model`` keeps batches above ``FAST_MAX_BATCH`` on the exact model)."""
-    from ...steering import decoding_model
-
-    dev = ctx.lm.device
-    exact = not fast or decoding_model(ctx.lm, rows, fast) is ctx.lm.model
-    dtype = str(ctx.lm.dtype).removeprefix("torch.")
-    if dev.type == "cuda":
-        import torch
-
-        name = torch.cuda.get_device_name(dev)
-        path = f"the exact {dtype} model" if exact else "a bf16 copy of the model"
-        return f"Running on **{name}** (CUDA): {path}, all {rows} columns in one batch."
-    path = f"the exact {dtype} model" if exact else "fast path: a bf16 copy of the model"
-    return f"Running on the **CPU** ({path}), all {rows} columns in one batch."
 
 
 def text_box(prompt: str, continuation: str, color: str, large: bool = False) -> str:
@@ -294,7 +248,7 @@ def render(ctx: AppContext) -> None:
     last = st.session_state.get(LAST)
     wanted = clicked or autorun or (live and (last is None or last["key"] != params.key()))
     if wanted:
-        with _shown_errors("streaming the duel", OOM_DUEL):
+        with shown_errors("streaming the duel", OOM_DUEL):
             st.session_state[LAST] = last = _stream(ctx, params, duel, fast, present)
     elif last is not None and last["key"] == params.key():
         _show(last, params, duel, present)
@@ -307,5 +261,5 @@ def render(ctx: AppContext) -> None:
             n = sum(len(ctx.lm.tokenizer(t, add_special_tokens=False).input_ids) for t in last["texts"].values())
             st.caption(f"first token after {last['first_s']:.2f} s · {n} tokens in {last['elapsed_s']:.1f} s across the columns")
         if st.session_state.get("duel_strip_on", True):
-            with _shown_errors("streaming the strength strip", OOM_DUEL):
+            with shown_errors("streaming the strength strip", OOM_DUEL):
                 _strip(ctx, params, duel, fast)

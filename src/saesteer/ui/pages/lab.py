@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 
 import pandas as pd
 import streamlit as st
@@ -21,13 +20,13 @@ from ...config import (
     ConfigError,
     SteerParams,
 )
-from ...memory import describe, free_memory, is_out_of_memory
 from ...steering import generate, stream_pair
 from ...text import escape, split_tokens
 from .. import diagnostics_panel
 from ..context import AppContext
 from ..data import live_lens_tokens
 from ..exports import steering_vector
+from ..live import bank_for, defaults_for, device_line, shown_errors
 from ..render import md_token
 from ..session import FEATURE, LAB_ROWS, MODE, PROMPT, STRENGTH
 from ..sweep import concept_hits, concept_targets, score_texts
@@ -74,8 +73,6 @@ def _max_act(ctx: AppContext, feature: int) -> float | None:
 def _defaults(ctx: AppContext) -> presets_lib.Defaults | None:
     if ctx.data is None:
         return None
-    from .duel import defaults_for
-
     return defaults_for(ctx)
 
 
@@ -99,8 +96,6 @@ def default_strength(ctx: AppContext, feature: int, mode: str = "paper") -> floa
     d = _defaults(ctx)
     if mode != "paper" or d is None:
         return DEFAULT_STRENGTH[mode]
-    from .duel import bank_for
-
     for p in d.presets:
         if p.feature == feature:
             return presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)[0]
@@ -256,24 +251,6 @@ def _precision_note(fast: bool) -> str:
             else "Both columns: the exact float32 model.")
 
 
-@contextmanager
-def _shown_errors(what: str, hint: str) -> Iterator[None]:
-    """Show bad input and out-of-memory errors raised inside the block as ``st.error`` (the page stays up);
-    ``what`` names the work that failed, ``hint`` what to reduce when memory ran out. Other errors propagate."""
-    cause = None
-    try:
-        yield
-    except ConfigError as exc:
-        st.error(str(exc))
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        cause = describe(exc)
-    if cause is not None:
-        free_memory()  # outside the except block: the traceback, and the tensors its frames hold, are gone
-        st.error(f"Out of memory while {what} ({cause}): {hint}.")
-
-
 def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, clicked: float) -> None:
     """Baseline and steered continuations decoded together as one 2-row batch, both columns updated per token."""
     left, right = st.columns(2)
@@ -282,8 +259,6 @@ def _run_pair(ctx: AppContext, prompt: str, params: SteerParams, fast: bool, cli
     boxes = (left.empty(), right.empty())
     for box, color in zip(boxes, COLORS):
         box.html(_text_box(prompt, "…", color))
-    from .duel import device_line
-
     st.caption(_precision_note(fast) + " " + device_line(ctx, fast, rows=2))
     pieces = stream_pair(ctx.lm, prompt, sae=ctx.sae, params=params, fast=fast)
     baseline, steered, first = _stream_pair_into(boxes, prompt, pieces, clicked)
@@ -388,7 +363,7 @@ def render(ctx: AppContext) -> None:
     last = st.session_state.get("lab_last")
     if go or autorun or (live and (last is None or last.get("key") != key)):
         clicked = time.perf_counter()
-        with _shown_errors("generating the baseline and steered texts", OOM_PAIR):
+        with shown_errors("generating the baseline and steered texts", OOM_PAIR):
             _run_pair(ctx, prompt, params, fast, clicked)
             st.session_state["lab_last"]["key"] = key
     else:
@@ -402,7 +377,7 @@ def render(ctx: AppContext) -> None:
         default = [s for s in SWEEP_DEFAULT if s in options] if mode == "paper" else options[:5]
         grid = st.multiselect("Strengths", options, default=default, key=f"lab_grid_{mode}")
         if st.button("Run sweep", key="lab_sweep") and grid:
-            with st.spinner(f"Generating {len(grid)} continuations…"), _shown_errors(f"running the sweep ({len(grid)} continuations in one batch)", OOM_SWEEP):
+            with st.spinner(f"Generating {len(grid)} continuations…"), shown_errors(f"running the sweep ({len(grid)} continuations in one batch)", OOM_SWEEP):
                 st.session_state["lab_sweep_result"] = run_sweep(ctx, prompt, [int(r["feature"]) for r in rows], sorted(grid), params)
         result = st.session_state.get("lab_sweep_result")
         if result is not None:
