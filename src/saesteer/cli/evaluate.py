@@ -14,15 +14,7 @@ from pathlib import Path
 from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError
 from ..evaluation.feature_level import FeatureLevelParams
 from ..evaluation.params import EvalParams
-from . import (
-    USER_ERRORS,
-    add_model_args,
-    add_sae_args,
-    fail,
-    model_spec_from_args,
-    precheck_sae,
-    sae_spec_from_args,
-)
+from . import USER_ERRORS, add_model_and_sae_args, fail, specs_from_args
 from .flags import Flag, add_flags, build, integer, number, numbers, parse_int, text, words
 
 
@@ -74,8 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    add_sae_args(p)
+    add_model_and_sae_args(p)
     add_flags(p, FeatureLevelParams, FEATURE_FLAGS)
     p.add_argument("--out", default=None, help="output directory (default: ~/.cache/saesteer/eval/<model>/<sae id>/features)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished features")
@@ -83,8 +74,7 @@ def add_feature_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_concept_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    add_sae_args(p)
+    add_model_and_sae_args(p)
     p.add_argument("--concepts", default=None, help="file with one concept per line (default: assets/eval/concepts.txt)")
     p.add_argument("--n-concepts", default=str(DEFAULT_N_CONCEPTS), help="evaluate this many concepts that have candidate features (file order)")
     p.add_argument("--prefixes", default=None, help="file with one neutral prefix per line (default: assets/eval/prefixes.txt)")
@@ -138,9 +128,7 @@ def run_features(args: argparse.Namespace) -> int:
 
     try:
         params = feature_params_from_args(args)
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-        precheck_sae(sae_spec, model_spec.name, params.features or ())
+        model_spec, sae_spec = specs_from_args(args, params.features or ())
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         bank = FeatureBank.from_feature_data(*feature_data(lm, sae, args.features_dir))
@@ -199,9 +187,7 @@ def run_concepts(args: argparse.Namespace) -> int:
             from ..judge import judge_from_env
 
             judge = judge_from_env()
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-        precheck_sae(sae_spec, model_spec.name)
+        model_spec, sae_spec = specs_from_args(args)
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
         bank = FeatureBank.from_feature_data(*feature_data(lm, sae, args.features_dir))
