@@ -91,7 +91,7 @@ def _presets(ctx: AppContext, d: presets_lib.Defaults) -> None:
     for col, p in zip(cols[1:], d.presets):
         if col.button(p.concept, key=f"duel_preset_{p.concept}", help=p.evidence, use_container_width=True):
             with st.spinner(f"Calibrating the strength of feature {p.feature}…"):
-                amp, _ = presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)
+                amp, _ = presets_lib.preset_strength(ctx.lm, ctx.sae, p)
             _set_concept(p.concept, amp)
             st.session_state["duel_autorun"] = True
             st.rerun()
