@@ -113,6 +113,13 @@ class FeatureBank:
         except (KeyError, TypeError, ValueError):
             raise KeyError(f"feature {feature!r} is not in this feature data ({len(self.features)} features)") from None
 
+    def has(self, feature: int) -> bool:
+        """Whether ``feature`` is in this feature data."""
+        try:
+            return int(feature) in self._rows
+        except (TypeError, ValueError):
+            return False
+
     @classmethod
     def from_feature_data(cls, data, source: str = "") -> FeatureBank:
         """From a :class:`saesteer.features.FeatureData` (bundled, computed, or a tiny test fixture's)."""

@@ -159,6 +159,11 @@ def save_unit(out: str | Path, name: str, info: dict, rows: pd.DataFrame | None)
     write_json(base.with_suffix(".json"), info)
 
 
+def unit_records(out: str | Path) -> list[dict]:
+    """The records of a run folder's finished units (their JSON markers), without their rows."""
+    return [json.loads(j.read_text()) for j in sorted((Path(out) / "units").glob("*.json"))]
+
+
 def read_units(out: str | Path) -> tuple[list[dict], list[pd.DataFrame]]:
     """(unit records, their row frames) of a run folder: from ``units/`` or, packed, from one file each."""
     out = Path(out)
