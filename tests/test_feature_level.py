@@ -61,9 +61,9 @@ def test_success_at_k_is_the_papers_count(tiny_lm):
 
 
 def _tiny_bank(lm, sae) -> FeatureBank:
-    from test_evaluate import DOCS
-
+    """Feature data of the tiny model computed on the evaluation's tiny corpus (top contexts included)."""
     from saesteer.features import compute_many
+    from saesteer.testing import EVAL_DOCS as DOCS
 
     seqs = [lm.tokenizer(d.text).input_ids for d in DOCS] * 4
     data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from .. import paths
-from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError
+from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError, check_whole
 from ..models import LoadedModel
 from ..saes import LoadedSae
 from . import layout
@@ -103,9 +103,7 @@ class FeatureLevelParams:
         if len(set(self.amps)) != len(self.amps):
             raise ConfigError(f"amps must not repeat, got {self.amps!r}")
         for name in ("n_features", "n_prefixes", "max_new_tokens", "batch_size", "features_per_unit", "rep_n"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+            check_whole(name, getattr(self, name))
         if self.n_prefixes > 50:
             raise ConfigError(f"n_prefixes must be at most 50 (the paper's prefixes), got {self.n_prefixes}")
         if not self.temperature > 0 or not math.isfinite(self.temperature):

@@ -104,15 +104,16 @@ def load_sae(spec: SaeSpec, model_spec: ModelSpec, _lm: LoadedModel) -> LoadedSa
 
 def cache_feature_dir(model_name: str, sae: LoadedSae) -> Path:
     """Where the app keeps feature data it computed, keyed by the SAE's weights (a changed SAE is recomputed)."""
+    return app_feature_dir(model_name, sae.id, weights_fingerprint(sae))
+
+
+def weights_fingerprint(sae: LoadedSae) -> str:
+    """``store.sae_fingerprint`` of ``sae`` (what evaluation runs and saved feature data record), computed once
+    per loaded SAE object: hashing the full weights takes a moment for a large SAE."""
     from ..store import sae_fingerprint
 
-    return app_feature_dir(model_name, sae.id, _fingerprint(sae, sae_fingerprint))
-
-
-def _fingerprint(sae: LoadedSae, fn) -> str:
-    # Hashing the full weights takes a moment for a large SAE: once per loaded SAE object.
     if sae.sae not in _FINGERPRINTS:
-        _FINGERPRINTS[sae.sae] = fn(sae)
+        _FINGERPRINTS[sae.sae] = sae_fingerprint(sae)
     return _FINGERPRINTS[sae.sae]
 
 
