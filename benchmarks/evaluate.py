@@ -137,7 +137,7 @@ def real_run(lm, sae, kind: str, n: int) -> None:
     from saesteer import features as F
     from saesteer.evaluation import (
         EvalParams,
-        FeatureScores,
+        FeatureBank,
         default_concepts,
         default_prefixes,
         run_evaluation,
@@ -147,11 +147,11 @@ def real_run(lm, sae, kind: str, n: int) -> None:
     if data is None:
         print("--run needs the bundled feature data of the layer (scores for the selection)")
         return
-    scores = FeatureScores.from_table(data.table, data.lens, "bundled")
+    bank = FeatureBank.from_feature_data(data, "bundled")
     params = EvalParams()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        res = run_evaluation(lm, sae, scores, default_concepts(), out, params, prefixes=default_prefixes(), n_concepts=n, log=print)
+        res = run_evaluation(lm, sae, bank, default_concepts(), out, params, prefixes=default_prefixes(), n_concepts=n, log=print)
         secs = time.perf_counter() - t0
     t = res.timings
     batches = float(t["seconds"].sum())
@@ -168,7 +168,7 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     from saesteer.corpus import iter_bundled
     from saesteer.evaluation import (
         EvalParams,
-        FeatureScores,
+        FeatureBank,
         concept_token_ids,
         default_prefixes,
         run_evaluation,
@@ -177,7 +177,7 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
     data = F.load_bundled(sae.id, lm.name) if kind == "bundled" else None
     concept = "water"
     if data is not None:
-        scores, how = FeatureScores.from_table(data.table, data.lens, "bundled"), "bundled feature data"
+        bank, how = FeatureBank.from_feature_data(data, "bundled"), "bundled feature data"
     else:
         from saesteer.scores import logit_lens
 
@@ -189,12 +189,12 @@ def smoke(lm, sae, kind: str, input_tokens: int) -> None:
             return
         seqs = pack_sequences(lm.tokenizer, iter_bundled("train"), 128)
         d = F.compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=input_tokens, cache=False, use_bundled=False, features=cands)[0]
-        scores = FeatureScores.from_table(d.table, d.lens, f"smoke: {input_tokens} corpus tokens")
+        bank = FeatureBank.from_feature_data(d, f"smoke: {input_tokens} corpus tokens")
         how = f"{len(cands)} candidates scored here; input scores from only {input_tokens} corpus tokens"
     params = EvalParams(strengths=(2.0, 8.0), diffmean_coeffs=(0.3, 1.0), n_prefixes=4, lora=LoraParams(steps=4))
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        res = run_evaluation(lm, sae, scores, [concept], out, params, prefixes=default_prefixes(), n_concepts=1, log=print)
+        res = run_evaluation(lm, sae, bank, [concept], out, params, prefixes=default_prefixes(), n_concepts=1, log=print)
         secs = time.perf_counter() - t0
     t = res.timings.iloc[0]
     print(f"smoke ({kind} SAE {sae.id}; {how}): {secs:.0f}s in all, {t['gen_seconds']:.0f}s decoding "

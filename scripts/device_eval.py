@@ -25,7 +25,7 @@ def smoke() -> None:
     import torch
 
     from saesteer.baselines import LoraParams
-    from saesteer.evaluation import EvalParams, FeatureScores, run_evaluation
+    from saesteer.evaluation import EvalParams, FeatureBank, run_evaluation
     from saesteer.features import compute_many
     from saesteer.models import LoadedModel
     from saesteer.saes import LoadedSae
@@ -35,6 +35,7 @@ def smoke() -> None:
     params = EvalParams(
         strengths=(0.5, 4.0, 16.0), diffmean_coeffs=(0.5, 3.0), n_prefixes=4, max_new_tokens=6,
         n_concept_texts=4, min_concept_texts=5, n_neutral_texts=8, lora=LoraParams(rank=2, steps=2, batch_size=2),
+        theta=0.5, tau=0.0138, min_contexts=5,  # the tiny model's feature data has few top contexts
     )
 
     cuda = torch.device("cuda")
@@ -44,10 +45,10 @@ def smoke() -> None:
     sae = LoadedSae(sae=s.sae.to(cuda), id=s.id, hook_name=s.hook_name, layer=s.layer)
     seqs = [lm.tokenizer(d.text).input_ids for d in EVAL_DOCS] * 4
     data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
-    scores = FeatureScores.from_table(data.table, data.lens, "tiny")
+    bank = FeatureBank.from_feature_data(data, "tiny")
     t0 = time.time()
-    res = run_evaluation(lm, sae, scores, ["zebra", "apple", "king", "dog"], "/tmp/smoke_eval", params, prefixes=EVAL_PREFIXES,
-                         n_concepts=2, docs=EVAL_DOCS, log=print)
+    res = run_evaluation(lm, sae, bank, ["zebra", "apple", "dog", "king"], "/tmp/smoke_eval", params, prefixes=EVAL_PREFIXES,
+                         n_concepts=3, docs=EVAL_DOCS, log=print)
     print(res.methods().to_string(), flush=True)
     print(f"smoke ok in {time.time() - t0:.1f}s on {torch.cuda.get_device_name(0)}", flush=True)
 

@@ -1,6 +1,7 @@
 """The Evaluation page: AppTest on the tiny fixture over evaluation runs of the tiny model (the protocol of
 test_evaluate.py) written into a temporary cache — empty state, a finished run, an interrupted run,
-damaged runs, runs compared — and the page's pure helpers (headline, progress, commands)."""
+damaged runs, runs compared, a shipped run of the previous protocol — and the page's pure helpers
+(headlines, progress, commands)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from test_app import XSS, app, no_exception, texts
-from test_evaluate import DOCS, PREFIXES, TINY, _tiny_scores
+from test_evaluate import CONCEPTS, DOCS, N_CONCEPTS, PREFIXES, TINY
+from test_feature_level import _tiny_bank
 
 from saesteer import evaluation as evaluate, paths
 from saesteer.evaluation import EvalResults, run_evaluation, run_progress
@@ -21,14 +23,16 @@ from saesteer.ui.nav import PAGES as NAV
 
 PAGE = NAV["evaluation"].path
 RUN_SUBDIR = Path("eval") / "tiny-gemma3" / "tiny-topk-L2"  # where `eval` writes for the fixture's layer-2 SAE
+#: A concept-level run of the previous protocol, as shipped (packed; methods sae_output, sae_input, sae_random).
+SHIPPED_PREVIOUS = paths.EVAL_RESULTS / "gemma-3-270m" / "L8-topk64-w4096"
+CONCEPT_FILES = ("meta.json", "units.parquet", "generations.parquet", "timings.jsonl", "summary.csv", "methods.csv", "units.csv")
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_lm, tiny_sae) -> Path:
-    """One finished evaluation run of the tiny model (2 concepts evaluated, 1 skipped)."""
+    """One finished evaluation run of the tiny model (3 concepts evaluated, dog without input-side candidates; 1 skipped)."""
     out = tmp_path_factory.mktemp("evalrun") / "run"
-    run_evaluation(tiny_lm, tiny_sae, _tiny_scores(tiny_lm, tiny_sae), ["zebra", "apple", "king", "dog"], out, TINY,
-                   prefixes=PREFIXES, n_concepts=2, docs=DOCS)
+    run_evaluation(tiny_lm, tiny_sae, _tiny_bank(tiny_lm, tiny_sae), CONCEPTS, out, TINY, prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS)
     return out
 
 
@@ -45,6 +49,15 @@ def cache(monkeypatch, tmp_path) -> Path:
 def place(run: Path, cache: Path, sub: Path = RUN_SUBDIR) -> Path:
     dest = cache / sub
     shutil.copytree(run, dest)
+    return dest
+
+
+def ship_previous(shipped: Path) -> Path:
+    """Copy the shipped previous-protocol run at layer 8 (its concept-level files) into ``shipped``."""
+    dest = shipped / "gemma-3-270m" / SHIPPED_PREVIOUS.name
+    dest.mkdir(parents=True)
+    for name in CONCEPT_FILES:
+        shutil.copy(SHIPPED_PREVIOUS / name, dest / name)
     return dest
 
 
@@ -68,32 +81,75 @@ def test_empty_state_names_the_command(cache):
     assert any(c.startswith("python -m saesteer eval") and "--layer 2" in c for c in commands), commands
 
 
-def test_finished_run_shows_table_headline_figures_picks_and_generations(cache, finished_run):
+def test_finished_run_shows_table_ratio_headline_candidates_and_generations(cache, finished_run):
     out = place(finished_run, cache)
     results = evaluate.load_results(out)
     at = open_page()
     assert not at.error and not at.main.warning, [e.value for e in [*at.error, *at.main.warning]]
-    assert "Output-score selection" in texts(at)
+    shown = texts(at)
+    assert evaluate.concept_headline(results).split(":")[0] in shown and "activation pick" in shown
+    assert "Previous protocol" not in shown
     table = at.dataframe[0].value
     assert list(table["method"]) == [evaltables.label(m) for m in evaluate.METHODS]
     assert (table["n_concepts"] == 2).all()
     assert {"concept_score", "success_k", "fluency", "ppl", "combined"} <= set(table.columns)
+    ratios = next(d.value for d in at.dataframe if "ratio of means" in d.value.columns)
+    want = results.ratios()
+    assert list(ratios["concepts"]) == [want["sae_filtered"].n, want["sae_output"].n]
+    assert ratios["ratio of means"].tolist() == pytest.approx([want["sae_filtered"].ratio, want["sae_output"].ratio], nan_ok=True)
+    assert ratios["± s.e."].tolist() == pytest.approx([want["sae_filtered"].se, want["sae_output"].se], nan_ok=True)
     assert len(at.get("plotly_chart")) >= 4
-    picks = next(d.value for d in at.dataframe if "output pick: feature" in d.value.columns)
+    cands = next(d.value for d in at.dataframe if "activation pick: feature" in d.value.columns)
     units = results.units.set_index(["concept", "method"])
-    for _, row in picks.iterrows():
-        assert row["output pick: feature"] == units.loc[(row["concept"], "sae_output"), "feature"]
-        assert row["input pick: input score"] == pytest.approx(units.loc[(row["concept"], "sae_input"), "input_score"])
-    assert sorted(picks["concept"]) == ["apple", "king"]
+    assert sorted(cands["concept"]) == ["apple", "dog", "king", "zebra"]
+    for _, row in cands.iterrows():
+        assert row["input-side"] == units.loc[(row["concept"], "sae_output"), "n_input_side"]
+        assert row["filtered"] == units.loc[(row["concept"], "sae_output"), "n_filtered"]
+        if units.loc[(row["concept"], "sae_activation"), "status"] == "done":
+            assert row["activation pick: feature"] == units.loc[(row["concept"], "sae_activation"), "feature"]
+            assert row["activation pick: firing share"] == pytest.approx(units.loc[(row["concept"], "sae_activation"), "firing_share"])
+            assert row["output pick: output score"] == pytest.approx(units.loc[(row["concept"], "sae_output"), "output_score"])
+        else:
+            assert pd.isna(row["activation pick: feature"])
+            assert ("no input-side candidate" if row["concept"] == "dog" else "all: the concept is not a single token") in row["skipped"]
+    per_feature = next(d.value for d in at.dataframe if "firing_share" in d.value.columns and "feature" in d.value.columns)
+    assert sorted(per_feature["concept"].unique()) == ["apple", "king"] and len(per_feature) == 4  # two filtered features each
     gens = next(d.value for d in at.dataframe if "text" in d.value.columns)
     expected = results.generations.query("concept == 'apple' and split == 'test'")
     assert sorted(gens["text"]) == sorted(expected["text"])
     labels = [b.proto.label for b in at.get("download_button")]
     assert any("Method table" in b for b in labels) and any("generations" in b.lower() for b in labels)
-    most = int(picks["candidates"].max())
+    most = int(results.units["n_candidates"].max())
     at.number_input(key="ev_min_cand").set_value(most).run()  # only the concept with the most candidates is left
     no_exception(at)
     assert at.dataframe[0].value["n_concepts"].eq(1).all()
+    at.checkbox(key="ev_common").uncheck().run()  # each method over its own concepts
+    no_exception(at)
+
+
+def test_shipped_runs_of_the_previous_protocol_are_labelled_and_shown(cache, finished_run):
+    shipped = ship_previous(paths.EVAL_RESULTS)
+    results = evaluate.load_results(shipped)
+    assert results.previous_protocol and "sae_input" in set(results.units["method"])
+    at = open_page()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("Previous protocol" in i.value for i in at.info)
+    assert "Output-score selection" in texts(at)  # the previous headline: output- vs input-score pick
+    table = at.dataframe[0].value
+    assert evaltables.label("sae_input", previous=True) in set(table["method"])
+    picks = next(d.value for d in at.dataframe if "output pick: feature" in d.value.columns)
+    assert len(picks) == results.units.query("status == 'done'")["concept"].nunique()
+    # beside a run of the current protocol, in the comparison
+    place(finished_run, cache)
+    at = open_page()
+    at.radio(key="ev_view").set_value("compare runs").run()
+    at.multiselect(key="ev_compare_runs").set_value([str(shipped), str(cache / RUN_SUBDIR)]).run()
+    no_exception(at)
+    assert not at.error
+    table = next(d.value for d in at.dataframe if "run" in d.value.columns)
+    assert set(table["protocol"]) == {"previous", "current"}
+    assert "(previous protocol)" in texts(at)
 
 
 def test_untrusted_concepts_and_texts_are_shown_as_plain_text(cache, finished_run):
@@ -116,23 +172,24 @@ def test_untrusted_concepts_and_texts_are_shown_as_plain_text(cache, finished_ru
 
 def test_interrupted_run_says_how_far_it_got_and_how_to_resume(cache, finished_run):
     out = place(finished_run, cache)
-    next((out / "units").glob("king-*__sae_input.json")).unlink()  # the run stopped inside 'king'
+    next((out / "units").glob("king-*__sae_filtered.json")).unlink()  # the run stopped inside 'king'
     meta = json.loads((out / "meta.json").read_text())
     meta.pop("finished")
     (out / "meta.json").write_text(json.dumps(meta))
     at = open_page()
     assert not at.error
     warning = " ".join(w.value for w in at.warning)
-    assert "incomplete" in warning and "1 of 2 concepts done" in warning and "ago" in warning and "1 partly" in warning and "--resume" in warning
+    assert "incomplete" in warning and "2 of 3 concepts done" in warning and "ago" in warning and "1 partly" in warning and "--resume" in warning
     command = next(c.value for c in at.code if "--resume" in c.value)
-    assert command.endswith(f"--out {out} --resume") and "--n-concepts 2" in command
-    assert at.dataframe[0].value["n_concepts"].eq(1).all()  # the finished concept only
+    assert command.endswith(f"--out {out} --resume") and "--n-concepts 3" in command
+    assert "--tau 0.0138" in command and "--min-contexts 5" in command and "--n-prefixes 4" in command  # the run's own settings
+    assert at.dataframe[0].value["n_concepts"].eq(1).all()  # apple: king lacks sae_filtered, dog the input-side methods
 
 
 def test_a_run_that_has_just_started(cache):
     out = cache / RUN_SUBDIR
     (out / "units").mkdir(parents=True)
-    meta = {"model": "tiny-gemma3", "sae_id": "tiny-topk-L2", "layer": 2, "feature_scores": "bundled:tiny-topk-L2",
+    meta = {"model": "tiny-gemma3", "sae_id": "tiny-topk-L2", "layer": 2, "feature_scores": "bundled:tiny-topk-L2", "protocol": evaluate.PROTOCOL,
             "params": evaluate.EvalParams().key(), "run": {"concepts": ["apple"], "n_concepts": 1, "methods": list(evaluate.METHODS)}}
     (out / "meta.json").write_text(json.dumps(meta))
     at = open_page()
@@ -156,7 +213,7 @@ def test_damaged_runs_are_errors_and_the_app_stays_up(cache, finished_run):
         assert "Could not read the evaluation" in errors and problem in errors.replace("\\", "").lower(), errors
     at.selectbox(key="ev_run").set_value(str(good)).run()
     no_exception(at)
-    assert not at.error and "Output-score selection" in texts(at)
+    assert not at.error and "activation pick" in texts(at)
     at.radio(key="ev_view").set_value("compare runs").run()  # the comparison skips the damaged run and says so
     no_exception(at)
     assert any("Could not read" in e.value for e in at.error)
@@ -174,7 +231,7 @@ def test_compare_runs_of_two_layers(cache, finished_run):
     table = next(d.value for d in at.dataframe if "run" in d.value.columns)
     assert sorted(table["layer"].unique()) == [2, 3] and len(table) == 2 * len(evaluate.METHODS)
     assert len(at.get("plotly_chart")) == 1
-    assert texts(at).count("Output-score selection") == 2
+    assert texts(at).count("output-filtered features") == 2  # one ratio headline per run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,16 +242,16 @@ def _table(rows: dict[str, tuple[float, float]], n: int = 30) -> pd.DataFrame:
     return pd.DataFrame([{"method": m, "n_concepts": n, "concept_score": c, "fluency": f, "combined": c * f} for m, (c, f) in rows.items()])
 
 
-def test_headline_ratio_and_verdict_come_from_the_data():
-    held = evaltables.headline(_table({"sae_output": (0.6, 0.8), "sae_input": (0.2, 0.85), "unsteered": (0.0, 1.0)}))
+def test_previous_headline_ratio_and_verdict_come_from_the_data():
+    held = evaltables.previous_headline(_table({"sae_output": (0.6, 0.8), "sae_input": (0.2, 0.85), "unsteered": (0.0, 1.0)}))
     assert "**3.0×**" in held and "60%" in held and "0.80 vs 0.85" in held and "**holds**" in held and "unsteered 0%" in held
-    costly = evaltables.headline(_table({"sae_output": (0.6, 0.4), "sae_input": (0.2, 0.85)}))
+    costly = evaltables.previous_headline(_table({"sae_output": (0.6, 0.4), "sae_input": (0.2, 0.85)}))
     assert "**lower fluency**" in costly
-    fails = evaltables.headline(_table({"sae_output": (0.3, 0.8), "sae_input": (0.2, 0.8)}, n=4))
+    fails = evaltables.previous_headline(_table({"sae_output": (0.3, 0.8), "sae_input": (0.2, 0.8)}, n=4))
     assert "**1.5×**" in fails and "**does not hold**" in fails and "only 4 concepts" in fails
-    assert "never reached" in evaltables.headline(_table({"sae_output": (0.1, 0.8), "sae_input": (0.0, 0.8)}))
-    assert "neither reached" in evaltables.headline(_table({"sae_output": (0.0, 0.8), "sae_input": (0.0, 0.8)}))
-    assert "no output-score and input-score" in evaltables.headline(_table({"prompt": (0.5, 0.5)}))
+    assert "never reached" in evaltables.previous_headline(_table({"sae_output": (0.1, 0.8), "sae_input": (0.0, 0.8)}))
+    assert "neither reached" in evaltables.previous_headline(_table({"sae_output": (0.0, 0.8), "sae_input": (0.0, 0.8)}))
+    assert "no output-score and input-score" in evaltables.previous_headline(_table({"prompt": (0.5, 0.5)}))
 
 
 def _results(units: list[tuple[str, str, str]], meta: dict) -> EvalResults:
@@ -225,12 +282,23 @@ def test_resume_command_repeats_the_run_settings():
             "run": {"concepts": evaluate.default_concepts(), "n_concepts": 30, "methods": list(evaluate.METHODS)}, "judge": None}
     command, notes = evaltables.resume_command(meta, "/data/my runs/L8")
     assert command == "python -m saesteer eval --layer 8 --out '/data/my runs/L8' --resume" and notes == []
-    custom = {**meta, "params": {**meta["params"], "strengths": [1.0, 8.0], "max_new_tokens": 6}, "model": "google/gemma-2-2b",
-              "feature_scores": "/f", "sae_id": "rel:layer_20", "run": {**meta["run"], "n_concepts": 5, "methods": ["sae_output", "prompt"]}}
+    custom = {**meta, "params": {**meta["params"], "strengths": [1.0, 8.0], "max_new_tokens": 6, "tau": 0.05},
+              "model": "google/gemma-2-2b", "feature_scores": "/f", "sae_id": "rel:layer_20",
+              "run": {**meta["run"], "n_concepts": 5, "methods": ["sae_output", "prompt"]}}
     command, notes = evaltables.resume_command(custom, "/o")
     assert command == ("python -m saesteer eval --model google/gemma-2-2b --sae rel:layer_20 --features /f --strengths 1 8 "
-                       "--max-new-tokens 6 --methods sae_output prompt --n-concepts 5 --out /o --resume")
+                       "--methods sae_output prompt --max-new-tokens 6 --tau 0.05 --n-concepts 5 --out /o --resume")
     assert any("--sae" in n for n in notes)
+    # The command is made from the CLI's own flag entries: parsed back, it gives the run's parameters.
+    import shlex
+
+    from saesteer.__main__ import build_parser
+    from saesteer.cli.evaluate import params_from_args
+
+    parsed = params_from_args(build_parser().parse_args(shlex.split(command)[3:]))
+    assert parsed.key() == evaluate.EvalParams.from_key({**custom["params"], "methods": ["sae_output", "prompt"]}).key()
+    other = {**meta, "params": {**meta["params"], "n_neutral_texts": 9}}
+    assert any("n_neutral_texts" in n for n in evaltables.resume_command(other, "/o")[1])
 
 
 def test_new_run_command_for_the_selected_sae():

@@ -125,3 +125,9 @@ def test_bank_from_tiny_feature_data(tiny_lm, tiny_sae):
         ctxs = data.contexts(c.feature)
         assert c.firing_share == pytest.approx(sum(x.token_ids[x.max_pos] in ids for x in ctxs) / len(ctxs))
     assert any(cc.input_side for cc in items)
+
+
+def test_bank_has_exactly_its_features():
+    bank = _bank()
+    assert all(bank.has(int(f)) for f in bank.features) and bank.has(np.int64(bank.features[0]))
+    assert not bank.has(int(bank.features.max()) + 1) and not bank.has(-1) and not bank.has("seven") and not bank.has(None)

@@ -1,4 +1,4 @@
-"""The info and steer subcommands, driven in-process with the tiny model standing in for the real one."""
+"""The info, steer and (many-SAE) scores subcommands, driven in-process with the tiny model standing in for the real one."""
 
 from __future__ import annotations
 
@@ -147,3 +147,25 @@ def test_steer_empty_prompt(env, capsys):
 def test_steer_needs_an_sae(env, capsys):
     assert main(["steer", "--feature", "1", "--strength", "1", "--prompt", "the sea"]) == 2
     assert "give --layer L" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--save", "--out"])
+def test_scores_many_unwritable_output_is_one_clear_line(env, capsys, tmp_path, monkeypatch, flag):
+    """A --save or --out that cannot be written after the job ran: one error line naming the path, saying the
+    scores are cached; a rerun to a writable path reads them from the cache."""
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    blocked = tmp_path / "taken.csv"
+    if flag == "--save":
+        blocked.write_text("a file where the directory should go")
+        target = blocked / "tiny-L2"
+    else:
+        blocked.mkdir()  # a directory where the table file should go
+        target = blocked
+    base = ["scores", "--layers", "2", "--only", "output"]
+    assert main([*base, flag, str(blocked)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {flag}: could not write {target} (") and "Traceback" not in "\n".join(err)
+    assert "the scores are computed and in the feature cache" in err[-1]
+    ok = tmp_path / ("saved" if flag == "--save" else "table.csv")
+    assert main([*base, flag, str(ok)]) == 0
+    assert (ok / "tiny-L2" / "table.parquet").exists() if flag == "--save" else ok.read_text().startswith("sae,layer,")

@@ -136,6 +136,24 @@ def test_killed_worker_then_rerun_computes_only_missing_chunks(ray_cluster, tiny
         np.testing.assert_allclose(a.table["output_score"], b.table["output_score"], rtol=1e-6)
 
 
+def test_failed_shard_then_rerun_computes_only_missing_shards(ray_cluster, tiny_lm, tmp_path):
+    """A job with the activation pass whose middle shard's worker dies: the rerun runs that shard only (the saved
+    shards count as done) and the result equals a clean run's, bit for bit."""
+    from saesteer.distributed import JobFailed
+
+    saes, _, job = _job(tiny_lm, tmp_path, max_retries=0)
+    with pytest.raises(JobFailed, match=r"1 of 7 tasks failed .*corpus sequences 24-47.*rerun the same command"):
+        job(kill_shard=24)
+    data, report = job()
+    assert report.shard_tasks == [(24, 48)] and report.chunk_tasks == [] and report.cached == 6
+    _, _, clean_job = _job(tiny_lm, tmp_path / "clean")
+    clean, _ = clean_job()
+    for a, b in zip(data, clean):
+        assert a.table.equals(b.table)
+        for name in ("ctx_seq", "ctx_pos", "ctx_tokens", "ctx_acts", "hist_counts", "out_ranks"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_bad_address_is_a_clear_error(ray_cluster):
     from saesteer.distributed import ClusterParams, RayUnavailable, connect
 

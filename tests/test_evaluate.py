@@ -1,6 +1,6 @@
-"""Steering evaluation: metrics on hand-made texts, the AxBench split and strength choice, feature selection,
-fast paths against obvious references (continuation NLL, residual means, batched steering), the baselines'
-invariants, and the whole protocol (with resume) on the tiny model."""
+"""Steering evaluation: metrics on hand-made texts, the AxBench split and strength choice, the paper's ratio
+and its standard error, fast paths against obvious references (continuation NLL, residual means, batched
+steering), the baselines' invariants, and the whole concept-level protocol (with resume) on the tiny model."""
 
 from __future__ import annotations
 
@@ -28,18 +28,19 @@ from saesteer.config import ConfigError
 from saesteer.corpus import Doc
 from saesteer.evaluation import (
     EvalParams,
-    FeatureScores,
     best_strength,
+    candidate_counts,
+    concept_candidates,
     concept_mentions,
     concept_token_ids,
     continuation_nll,
     list_runs,
     load_results,
     method_table,
+    paired_ratio,
     ppl_factor,
     repetition,
     run_evaluation,
-    select_features,
     split_prefixes,
     success_at_k,
     target_strings,
@@ -55,6 +56,7 @@ from saesteer.steering import capture_residuals, generate
 from saesteer.testing import EVAL_DOCS as DOCS
 from saesteer.testing import EVAL_PREFIXES as PREFIXES
 from saesteer.testing import make_tiny_model
+from test_feature_level import _tiny_bank
 
 def assert_no_hooks(lm) -> None:
     for name, module in lm.model.named_modules():
@@ -147,31 +149,45 @@ def test_concept_token_ids_single_tokens_only(tiny_lm):
     assert concept_token_ids(tok, "apple tree") == [apple]  # a phrase falls back to its first token
 
 
-def _scores(top_ids, output, inp) -> FeatureScores:
-    n = len(output)
-    return FeatureScores(np.arange(n), np.asarray(top_ids), np.asarray(output, float), np.asarray(inp, float))
+def _ratio_direct(y, x):
+    """The paired ratio of means and its delta-method standard error, written as the textbook formula
+    R · sqrt((s_y² / ȳ² + s_x² / x̄² − 2 s_xy / (x̄ ȳ)) / n), one sum at a time."""
+    n = len(y)
+    ybar, xbar = sum(y) / n, sum(x) / n
+    syy = sum((v - ybar) ** 2 for v in y) / (n - 1)
+    sxx = sum((v - xbar) ** 2 for v in x) / (n - 1)
+    sxy = sum((a - ybar) * (b - xbar) for a, b in zip(y, x)) / (n - 1)
+    r = ybar / xbar
+    return r, r * math.sqrt((syy / ybar**2 + sxx / xbar**2 - 2 * sxy / (xbar * ybar)) / n)
 
 
-def test_select_features_picks_argmax_of_each_score_among_candidates():
-    top = [[1, 2], [3, 7], [7, 4], [5, 6], [7, 9]]
-    s = _scores(top, output=[0.9, 0.1, 0.5, 0.99, 0.3], inp=[0.0, 0.8, 0.2, 1.0, np.nan])
-    sel = select_features("x", [7], s, top_k=2, seed=0)
-    assert sel.candidates == [1, 2, 4]
-    assert sel.picks["sae_output"] == 2 and sel.picks["sae_input"] == 1
-    assert sel.picks["sae_random"] in sel.candidates
-    assert select_features("x", [7], s, top_k=2, seed=0).picks == sel.picks  # deterministic
-    randoms = {select_features("x", [7], s, top_k=2, seed=k).picks["sae_random"] for k in range(30)}
-    assert randoms == {1, 2, 4}
-    # top_k cuts the logit-lens lists: only features 2 and 4 have token 7 first
-    assert select_features("x", [7], s, top_k=1).candidates == [2, 4]
+def test_paired_ratio_and_its_standard_error_match_a_direct_computation():
+    rng = np.random.default_rng(3)
+    y, x = rng.uniform(0.1, 0.9, 12), rng.uniform(0.05, 0.5, 12)
+    rows = [{"concept": f"c{i}", "method": m, "combined": v} for i in range(12) for m, v in (("sae_filtered", y[i]), ("sae_activation", x[i]))]
+    rows += [{"concept": "only-filtered", "method": "sae_filtered", "combined": 1.0}, {"concept": "c0", "method": "prompt", "combined": 0.3}]
+    r = paired_ratio(pd.DataFrame(rows), "sae_filtered", "sae_activation")
+    want, want_se = _ratio_direct(list(y), list(x))
+    assert r.n == 12  # the concept without an activation pick is left out: the ratio is paired
+    assert r.ratio == pytest.approx(want) and r.se == pytest.approx(want_se)
+    assert r.mean == pytest.approx(y.mean()) and r.mean_baseline == pytest.approx(x.mean())
+    # The standard error is that of the ratio over concepts: a bootstrap over concepts agrees roughly.
+    boot = [y[i].mean() / x[i].mean() for i in (rng.integers(0, 12, 12) for _ in range(4000))]
+    assert np.std(boot) == pytest.approx(want_se, rel=0.3)
+    one = paired_ratio(pd.DataFrame(rows[:2]), "sae_filtered", "sae_activation")
+    assert one.n == 1 and math.isnan(one.se) and one.ratio == pytest.approx(y[0] / x[0])
+    zero = pd.DataFrame([{"concept": "a", "method": "sae_filtered", "combined": 0.5}, {"concept": "a", "method": "sae_activation", "combined": 0.0}])
+    assert paired_ratio(zero, "sae_filtered", "sae_activation").ratio == math.inf
+    assert paired_ratio(pd.DataFrame(rows), "sae_output", "sae_activation").n == 0
 
 
-def test_select_features_without_candidates_or_input_scores_is_skipped():
-    s = _scores([[1], [2]], output=[0.5, 0.1], inp=[np.nan, np.nan])
-    none = select_features("x", [9], s, top_k=1)
-    assert none.candidates == [] and set(none.skipped) == {"sae_output", "sae_input", "sae_random"}
-    part = select_features("x", [1, 2], s, top_k=1)
-    assert part.picks["sae_output"] == 0 and "sae_input" in part.skipped and "sae_input" not in part.picks
+def test_candidate_counts_count_concepts_by_kind():
+    units = pd.DataFrame({
+        "concept": ["a", "a", "b", "c", "d"], "method": ["sae_output", "prompt", "sae_output", "sae_output", "sae_output"],
+        "n_input_side": [2, 2, 0, 3, 0], "n_output_side": [1, 1, 4, 0, 0], "n_filtered": [1, 1, 0, 0, 0],
+    })
+    assert candidate_counts(units) == {"concepts": 4, "input_side": 2, "output_side": 2, "both": 1, "filtered": 1, "none": 1}
+    assert candidate_counts(units.drop(columns=["n_input_side"])) == {}  # a previous-protocol run records no kinds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,50 +375,48 @@ def test_local_judge_runs_a_model_and_never_invents_ratings(tiny_lm):
 # The whole protocol on the tiny model
 
 
-def _tiny_scores(lm, sae) -> FeatureScores:
-    from saesteer.features import compute_many
-
-    seqs = [lm.tokenizer(d.text).input_ids for d in DOCS] * 4
-    data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
-    return FeatureScores.from_table(data.table, data.lens, "tiny")
-
-
+#: On the tiny model's feature data (12 top contexts at most): apple and king have input-side candidates
+#: (two of each above tau, apple's third below), dog output-side ones only, zebra none.
 TINY = EvalParams(
     strengths=(0.5, 4.0, 16.0), diffmean_coeffs=(0.5, 3.0), n_prefixes=4, max_new_tokens=6,
     n_concept_texts=4, min_concept_texts=5, n_neutral_texts=8, lora=LoraParams(rank=2, steps=2, batch_size=2),
+    theta=0.5, tau=0.0138, min_contexts=5,
 )
+CONCEPTS = ["zebra", "apple", "dog", "king", "tree"]
+N_CONCEPTS = 3  # zebra is skipped, tree is not reached
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_lm, tiny_sae):
-    scores = _tiny_scores(tiny_lm, tiny_sae)
+    bank = _tiny_bank(tiny_lm, tiny_sae)
     out = tmp_path_factory.mktemp("eval")
     logs: list[str] = []
-    res = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
-                         n_concepts=2, docs=DOCS, log=logs.append)
-    return res, scores, out, logs
+    res = run_evaluation(tiny_lm, tiny_sae, bank, CONCEPTS, out, TINY, prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS, log=logs.append)
+    return res, bank, out, logs
 
 
 def test_concepts_batched_together_give_each_concept_its_solo_results(tiny_run, tiny_lm, tiny_sae, tmp_path):
-    """The shared fixture batches its two concepts (default concepts_per_batch=3: one decode call per phase
-    for both, DiffMean rows with per-concept vectors); run one concept at a time, in calls of at most 5 rows,
-    the texts are the same and the scores equal to float rounding of the perplexity passes."""
-    res, scores, _, _ = tiny_run
+    """The shared fixture batches its three concepts (default concepts_per_batch=3: one decode call per phase
+    for all, DiffMean rows with per-concept vectors, several filtered features per concept); run one concept at
+    a time, in calls of at most 5 rows, the texts are the same and the scores equal to float rounding of the
+    perplexity passes."""
+    res, bank, _, _ = tiny_run
     timed = res.timings
-    assert len(timed) == 1 and list(timed["concepts"].iloc[0]) == ["apple", "king"]  # one group
-    solo = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], tmp_path, replace(TINY, concepts_per_batch=1, batch_size=5),
-                          prefixes=PREFIXES, n_concepts=2, docs=DOCS)
-    assert len(solo.timings) == 2
-    keys = ["concept", "method", "split", "prefix_idx", "strength"]
+    assert len(timed) == 1 and list(timed["concepts"].iloc[0]) == ["apple", "dog", "king"]  # one group
+    solo = run_evaluation(tiny_lm, tiny_sae, bank, CONCEPTS, tmp_path, replace(TINY, concepts_per_batch=1, batch_size=5),
+                          prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS)
+    assert len(solo.timings) == 3
+    keys = ["concept", "method", "feature", "split", "prefix_idx", "strength"]
     a = res.generations.sort_values(keys).reset_index(drop=True)
     b = solo.generations.sort_values(keys).reset_index(drop=True)
-    assert a[keys + ["text", "feature", "mentions", "success_k", "n_tokens"]].equals(b[keys + ["text", "feature", "mentions", "success_k", "n_tokens"]])
+    assert a[keys + ["text", "mentions", "success_k", "n_tokens"]].equals(b[keys + ["text", "mentions", "success_k", "n_tokens"]])
     for col in ("ppl", "fluency", "combined", "concept_score"):
         np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-4, equal_nan=True)
-    cols = ["concept", "method", "status", "feature", "best_strength"]
+    cols = ["concept", "method", "status", "feature", "best_strength", "reason", "n_input_side", "n_filtered"]
     ua = res.units.sort_values(["concept", "method"]).reset_index(drop=True)
     ub = solo.units.sort_values(["concept", "method"]).reset_index(drop=True)
     assert ua[cols].equals(ub[cols])
+    assert list(ua["best_strengths"].dropna().map(list)) == list(ub["best_strengths"].dropna().map(list))
 
 
 def test_protocol_rows_follow_the_split_and_the_chosen_strength(tiny_run):
@@ -410,22 +424,24 @@ def test_protocol_rows_follow_the_split_and_the_chosen_strength(tiny_run):
     g, units = res.generations, res.units
     train, test = res.meta["train_prefixes"], res.meta["test_prefixes"]
     assert sorted(train + test) == list(range(4)) and len(train) == 2
-    assert set(g["concept"]) == {"apple", "king"}  # zebra skipped, dog not reached (n_concepts=2)
+    assert set(g["concept"]) == {"apple", "dog", "king"}  # zebra skipped, tree not reached (n_concepts=3)
     skipped = units[units["concept"] == "zebra"]
     assert (skipped["status"] == "skipped").all() and len(skipped) == len(TINY.methods)
-    assert "dog" not in set(units["concept"])
-    for (concept, method), part in g.groupby(["concept", "method"]):
+    assert skipped["reason"].str.contains("not a single token").all()  # zebra is <unk> to the tiny tokenizer
+    assert "tree" not in set(units["concept"])
+    for (concept, method, feature), part in g.groupby(["concept", "method", "feature"]):
         unit = units[(units["concept"] == concept) & (units["method"] == method)].iloc[0]
+        chosen = (unit["best_strengths"][list(unit["features"]).index(feature)] if method == "sae_filtered" else unit["best_strength"])
         t = part[part["split"] == "test"]
         assert sorted(t["prefix_idx"]) == test
-        assert (t["strength"] == unit["best_strength"]).all()
+        assert (t["strength"] == chosen).all()
         tr = part[part["split"] == "train"]
-        if method in ("sae_output", "sae_input", "sae_random", "diffmean"):
+        if method.startswith("sae_") or method == "diffmean":
             grid = TINY.strengths if method != "diffmean" else TINY.diffmean_coeffs
             assert sorted(tr["strength"].unique()) == sorted(grid)
             assert set(tr["prefix_idx"]) == set(train) and len(tr) == len(grid) * len(train)
             means = tr.groupby("strength")["combined"].mean()
-            assert means[unit["best_strength"]] == means.max()
+            assert means[chosen] == means.max()  # each filtered feature has its own strength, chosen on the train half
         elif method == "unsteered":
             assert set(tr["prefix_idx"]) == set(train)
         else:
@@ -440,18 +456,44 @@ def test_protocol_rows_follow_the_split_and_the_chosen_strength(tiny_run):
     assert g.loc[g["split"] == "test", "fluency"].notna().all()
 
 
-def test_protocol_picks_match_selection_and_batched_steering_equals_single(tiny_run, tiny_lm, tiny_sae):
-    res, scores, out, _ = tiny_run
-    g, units = res.generations, res.units
-    for concept in ("apple", "king"):
-        sel = select_features(concept, concept_token_ids(tiny_lm.tokenizer, concept), scores, TINY.top_k, TINY.seed)
-        for m in ("sae_output", "sae_input", "sae_random"):
-            unit = units[(units["concept"] == concept) & (units["method"] == m)].iloc[0]
-            if m in sel.picks:
-                assert unit["feature"] == sel.picks[m]
-                assert (g[(g["concept"] == concept) & (g["method"] == m)]["feature"] == sel.picks[m]).all()
-    # One batched call held all methods × strengths; each row must equal its own single-feature generation.
-    rows = g[(g["method"].isin(["sae_output", "sae_random"])) & (g["concept"] == "apple")].head(8)
+def test_protocol_picks_are_the_candidates_and_batched_steering_equals_single(tiny_run, tiny_lm, tiny_sae):
+    res, bank, out, _ = tiny_run
+    g, units = res.generations, res.units.set_index(["concept", "method"])
+    for concept in ("apple", "dog", "king"):
+        cc = concept_candidates(concept, concept_token_ids(tiny_lm.tokenizer, concept), bank, TINY.candidate_params())
+        picks = {"sae_activation": cc.activation_pick, "sae_output": cc.output_pick, "sae_random": cc.random_pick}
+        for m, pick in picks.items():
+            unit = units.loc[(concept, m)]
+            rows = g[(g["concept"] == concept) & (g["method"] == m)]
+            if pick is None:
+                assert unit["status"] == "skipped" and rows.empty
+                continue
+            assert unit["feature"] == pick.feature and (rows["feature"] == pick.feature).all()
+            assert unit["firing_share"] == pytest.approx(pick.firing_share) and unit["output_score"] == pytest.approx(pick.output_score)
+        unit = units.loc[(concept, "sae_filtered")]
+        rows = g[(g["concept"] == concept) & (g["method"] == "sae_filtered")]
+        assert unit["n_filtered"] == len(cc.filtered) and unit["n_input_side"] == len(cc.input_side)
+        if not cc.filtered:
+            assert unit["status"] == "skipped" and rows.empty
+            continue
+        # every input-side candidate at or above tau is evaluated, and only those
+        assert list(unit["features"]) == [c.feature for c in cc.filtered] == sorted(set(rows["feature"]), key=list(unit["features"]).index)
+        assert all(c.output_score >= TINY.tau for c in cc.filtered)
+        assert all(c.output_score < TINY.tau for c in cc.input_side if c not in cc.filtered)
+    assert len(units.loc[("apple", "sae_filtered"), "features"]) == 2 and units.loc[("apple", "sae_filtered"), "n_input_side"] == 3
+    # dog has output-side candidates only: the input-side methods are skipped and say which kind is missing
+    for m in ("sae_activation", "sae_filtered"):
+        assert units.loc[("dog", m), "status"] == "skipped" and "no input-side candidate" in units.loc[("dog", m), "reason"]
+    assert units.loc[("dog", "sae_output"), "status"] == "done"
+    # The concept's sae_filtered result is the mean over its features of their own test-half means.
+    summary = res.summary().set_index(["concept", "method"])
+    test = g[(g["split"] == "test") & (g["method"] == "sae_filtered")]
+    for concept, part in test.groupby("concept"):
+        per = part.groupby("feature")["combined"].mean()
+        assert summary.loc[(concept, "sae_filtered"), "combined"] == pytest.approx(per.mean())
+        assert summary.loc[(concept, "sae_filtered"), "n_features"] == len(per) and summary.loc[(concept, "sae_filtered"), "feature"] == -1
+    # One batched call held all methods × features × strengths; each row must equal its own single-feature generation.
+    rows = g[(g["method"].isin(["sae_filtered", "sae_output", "sae_random"])) & (g["concept"] == "apple")].iloc[::4]
     for _, r in rows.iterrows():
         alone = generate(tiny_lm, [r["prompt"]], sae=tiny_sae, features=[int(r["feature"])], strengths=[r["strength"]],
                          mode="paper", max_new_tokens=TINY.max_new_tokens)[0]
@@ -459,7 +501,7 @@ def test_protocol_picks_match_selection_and_batched_steering_equals_single(tiny_
     # DiffMean and prompt rows shared those calls too (zero strengths elsewhere); each equals its own call.
     texts = json.loads((out / "concept_texts.json").read_text())
     dm = diffmean(residual_mean(tiny_lm, 2, texts["concepts"]["apple"]["texts"]), residual_mean(tiny_lm, 2, texts["neutral"]))
-    assert res.units.set_index(["concept", "method"]).loc[("apple", "diffmean"), "diffmean_norm"] == pytest.approx(dm.raw_norm, rel=1e-5)
+    assert units.loc[("apple", "diffmean"), "diffmean_norm"] == pytest.approx(dm.raw_norm, rel=1e-5)
     for _, r in g[(g["method"] == "diffmean") & (g["concept"] == "apple")].iloc[::3].iterrows():
         with add_vector(tiny_lm, 2, dm.vector(1.0), torch.tensor([r["strength"]])):
             assert generate(tiny_lm, [r["prompt"]], max_new_tokens=TINY.max_new_tokens)[0] == r["text"]
@@ -478,9 +520,15 @@ def test_protocol_outputs_tables_figures_and_provenance(tiny_run, tiny_lm):
         assert json.loads((out / "figures" / f"{name}.json").read_text())["data"] is not None
     table = res.methods()
     assert set(table["method"]) == set(TINY.methods)
-    assert (table["n_concepts"] == 2).all()
+    assert (table["n_concepts"] == 2).all()  # apple and king: dog lacks the input-side methods
+    own = res.methods(common=False).set_index("method")["n_concepts"]
+    assert own["sae_output"] == 3 and own["sae_activation"] == 2
     summary = res.summary()
-    assert len(summary) == 2 * len(TINY.methods)
+    assert len(summary) == 3 * len(TINY.methods) - 2
+    assert res.candidate_counts() == {"concepts": 4, "input_side": 2, "output_side": 3, "both": 2, "filtered": 2, "none": 1}
+    ratios = res.ratios()
+    assert ratios["sae_filtered"].n == 2 and ratios["sae_output"].n == 2
+    assert (out / "ratios.csv").exists() and "activation pick" in (out / "report.html").read_text()
     texts = json.loads((out / "concept_texts.json").read_text())
     apple = texts["concepts"]["apple"]
     assert apple["n_corpus"] == 3 and apple["n_generated"] == 2 and len(apple["texts"]) == 5  # topped up to min 5
@@ -500,8 +548,9 @@ def test_list_runs_finds_the_cache_and_the_shipped_results(tiny_run, tmp_path, m
     from saesteer import evaluation as evaluate, paths
 
     res, _, out, _ = tiny_run
-    assert res.meta["run"] == {"concepts": ["zebra", "apple", "king", "dog"], "n_concepts": 2, "methods": list(TINY.methods)}
-    assert res.meta["finished"] and evaluate.run_progress(res, out) == evaluate.RunProgress(True, 2, 0, 1, 2, TINY.methods)
+    assert res.meta["run"] == {"concepts": CONCEPTS, "n_concepts": N_CONCEPTS, "methods": list(TINY.methods)}
+    assert res.meta["protocol"] == evaluate.PROTOCOL and not res.previous_protocol
+    assert res.meta["finished"] and evaluate.run_progress(res, out) == evaluate.RunProgress(True, 3, 0, 1, 3, TINY.methods)
     assert paths.EVAL_RESULTS in evaluate.eval_roots() and paths.EVAL_RESULTS == paths.EVAL_ASSETS / "results"
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(paths, "EVAL_RESULTS", tmp_path / "assets" / "eval" / "results")
@@ -526,9 +575,16 @@ def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
     pd.testing.assert_frame_equal(again.generations, res.generations)
     pd.testing.assert_frame_equal(again.summary(), res.summary())
     pd.testing.assert_frame_equal(again.methods(), res.methods())
-    plain = [c for c in res.units.columns if c not in ("concept_token_ids", "lora_losses")]
-    pd.testing.assert_frame_equal(again.units[plain], res.units[plain], check_dtype=False)
-    assert list(again.units["concept_token_ids"].map(list)) == list(res.units["concept_token_ids"].map(list))
+    lists = ("concept_token_ids", "lora_losses", "features", "best_strengths", "feature_output_scores", "feature_firing_shares")
+    plain = [c for c in res.units.columns if c not in lists]
+
+    def missing_as_none(frame: pd.DataFrame) -> pd.DataFrame:  # parquet reads a missing bool back as None, not NaN
+        return frame.astype(object).where(frame.notna(), None)
+
+    pd.testing.assert_frame_equal(missing_as_none(again.units[plain]), missing_as_none(res.units[plain]), check_dtype=False)
+    for col in ("concept_token_ids", "features", "best_strengths"):
+        norm = lambda v: list(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else None  # noqa: E731
+        assert list(again.units[col].map(norm)) == list(res.units[col].map(norm))
     assert evaluate.run_progress(again, packed).finished
     assert list_runs([tmp_path / "packed"]) == [packed]
     with pytest.raises(ConfigError, match="no finished units"):
@@ -538,16 +594,16 @@ def test_packed_run_loads_like_the_original_and_is_listed(tiny_run, tmp_path):
 
 
 def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm, tiny_sae, monkeypatch):
-    _, scores, out, _ = tiny_run
+    _, bank, out, _ = tiny_run
     assert_no_hooks(tiny_lm)
     with pytest.raises(ConfigError, match="--resume"):
-        run_evaluation(tiny_lm, tiny_sae, scores, ["apple"], out, TINY, prefixes=PREFIXES, docs=DOCS)
-    with pytest.raises(ConfigError, match="different"):
-        run_evaluation(tiny_lm, tiny_sae, scores, ["apple"], out, EvalParams(**{**TINY.__dict__, "max_new_tokens": 5}),
-                       prefixes=PREFIXES, docs=DOCS, resume=True)
+        run_evaluation(tiny_lm, tiny_sae, bank, ["apple"], out, TINY, prefixes=PREFIXES, docs=DOCS)
+    for change in ({"max_new_tokens": 5}, {"tau": 0.5}, {"theta": 0.3}):  # candidate parameters are part of the key
+        with pytest.raises(ConfigError, match="different params." + next(iter(change))):
+            run_evaluation(tiny_lm, tiny_sae, bank, ["apple"], out, replace(TINY, **change), prefixes=PREFIXES, docs=DOCS, resume=True)
     original = load_results(out).generations
     # Interrupt: drop one unit's completion marker, then resume; count the generate calls the resume makes.
-    victim = next((out / "units").glob("king-*__sae_input.json"))
+    victim = next((out / "units").glob("king-*__sae_filtered.json"))
     victim.unlink()
     import saesteer.steering as steering_mod
 
@@ -559,24 +615,38 @@ def test_resume_redoes_only_missing_units_and_reproduces_them(tiny_run, tiny_lm,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(steering_mod, "generate", counting)
-    resumed = run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
-                             n_concepts=2, docs=DOCS, resume=True)
-    # Only king/sae_input was redone: one train-grid call and one test call, nothing for apple or baselines.
-    assert calls == [len(TINY.strengths) * 2, 2]
-    key = ["concept", "method", "split", "strength", "prefix_idx"]
+    resumed = run_evaluation(tiny_lm, tiny_sae, bank, CONCEPTS, out, TINY, prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS, resume=True)
+    # Only king/sae_filtered was redone (its two features): one train-grid call and one test call, nothing else.
+    assert calls == [len(TINY.strengths) * 2 * 2, 2 * 2]
+    key = ["concept", "method", "feature", "split", "strength", "prefix_idx"]
     a = original.sort_values(key).reset_index(drop=True)
     b = resumed.generations.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a[key + ["text", "combined"]], b[key + ["text", "combined"]])
     # A fully finished run resumes without any generation.
     calls.clear()
-    run_evaluation(tiny_lm, tiny_sae, scores, ["zebra", "apple", "king", "dog"], out, TINY, prefixes=PREFIXES,
-                   n_concepts=2, docs=DOCS, resume=True)
+    run_evaluation(tiny_lm, tiny_sae, bank, CONCEPTS, out, TINY, prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS, resume=True)
     assert calls == []
     # Units are per method: resuming with fewer methods is allowed and runs nothing new.
-    fewer = EvalParams(**{**TINY.__dict__, "methods": ("sae_output", "prompt")})
-    again = run_evaluation(tiny_lm, tiny_sae, scores, ["apple", "king"], out, fewer, prefixes=PREFIXES, docs=DOCS, resume=True)
+    fewer = replace(TINY, methods=("sae_output", "prompt"))
+    again = run_evaluation(tiny_lm, tiny_sae, bank, ["apple", "king"], out, fewer, prefixes=PREFIXES, docs=DOCS, resume=True)
     assert calls == [] and set(again.generations["method"]) == set(TINY.methods)
     assert_no_hooks(tiny_lm)
+
+
+def test_resume_refuses_a_run_of_the_previous_protocol(tiny_run, tiny_lm, tiny_sae, tmp_path):
+    import shutil
+
+    _, bank, out, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta.pop("protocol")
+    meta["params"] = {k: v for k, v in meta["params"].items() if k not in ("theta", "tau", "max_contexts", "min_contexts")}
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="previous concept-level protocol .*sae_input.*choose another --out"):
+        run_evaluation(tiny_lm, tiny_sae, bank, CONCEPTS, old, TINY, prefixes=PREFIXES, n_concepts=N_CONCEPTS, docs=DOCS, resume=True)
+    with pytest.raises(ConfigError, match="sae_input belonged to the previous protocol"):
+        replace(TINY, methods=("sae_input",))
 
 
 def test_method_table_compares_methods_on_common_concepts():
@@ -592,6 +662,8 @@ def test_method_table_compares_methods_on_common_concepts():
     assert t.loc["sae_output", "combined"] == pytest.approx(0.75)
     assert t.loc["prompt", "combined"] == pytest.approx(0.25)
     assert t.loc["sae_output", "combined_sem"] == pytest.approx(np.std([1.0, 0.5], ddof=1) / math.sqrt(2))
+    own = method_table(summary, common=False).set_index("method")
+    assert own.loc["sae_output", "n_concepts"] == 3 and own.loc["sae_output", "combined"] == pytest.approx(0.5)
 
 
 def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path, monkeypatch):
@@ -613,6 +685,12 @@ def test_cli_rejects_bad_arguments_with_one_line(capsys, tmp_path, monkeypatch):
     assert "--n-prefixes" in capsys.readouterr().err
     assert main(["eval", "--layer", "2", "--concepts-per-batch", "0"]) == 2
     assert "--concepts-per-batch must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--theta", "2"]) == 2
+    assert "theta must be in (0, 1], got 2.0" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--tau", "x"]) == 2
+    assert "--tau must be a number, got 'x'" in capsys.readouterr().err
+    assert main(["eval", "--layer", "2", "--methods", "sae_input"]) == 2
+    assert "previous protocol" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="concepts_per_batch must be a whole number"):
         EvalParams(concepts_per_batch=1.5)
 
@@ -634,13 +712,15 @@ def test_cli_runs_the_evaluation_end_to_end(tmp_path, tiny_lm, tiny_sae, capsys)
     (tmp_path / "prefixes.txt").write_text("\n".join(PREFIXES) + "\n")
     argv = ["eval", "--model", str(model_dir), "--device", "cpu", "--sae", str(sae_dir), "--features", str(feat_dir),
             "--concepts", str(tmp_path / "concepts.txt"), "--prefixes", str(tmp_path / "prefixes.txt"), "--n-prefixes", "4",
-            "--strengths", "1,8", "--methods", "sae_output", "sae_random", "prompt", "unsteered", "--max-new-tokens", "4",
-            "--n-concepts", "1", "--out", str(out), "--concepts-per-batch", "2"]
+            "--strengths", "1,8", "--methods", "sae_output", "sae_filtered", "sae_random", "prompt", "unsteered", "--max-new-tokens", "4",
+            "--n-concepts", "1", "--out", str(out), "--concepts-per-batch", "2", "--theta", "0.5", "--tau", "0.0138", "--min-contexts", "5"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "sae_output" in printed and "skipped (no candidate features): zebra" in printed
+    assert "sae_output" in printed and "skipped (no candidate features): zebra" in printed and "activation pick" in printed
     res = load_results(out)
-    assert set(res.generations["method"]) == {"sae_output", "sae_random", "prompt", "unsteered"}
+    assert set(res.generations["method"]) == {"sae_output", "sae_filtered", "sae_random", "prompt", "unsteered"}
+    assert (res.meta["params"]["theta"], res.meta["params"]["tau"], res.meta["params"]["min_contexts"]) == (0.5, 0.0138, 5)
+    assert res.generations.query("method == 'sae_filtered'")["feature"].nunique() == 2
     assert sorted(res.generations.query("method == 'sae_output' and split == 'train'")["strength"].unique()) == [1.0, 8.0]
     assert main(argv) == 2  # the directory holds results and --resume was not given
     assert "--resume" in capsys.readouterr().err

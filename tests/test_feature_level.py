@@ -61,9 +61,9 @@ def test_success_at_k_is_the_papers_count(tiny_lm):
 
 
 def _tiny_bank(lm, sae) -> FeatureBank:
-    from test_evaluate import DOCS
-
+    """Feature data of the tiny model computed on the evaluation's tiny corpus (top contexts included)."""
     from saesteer.features import compute_many
+    from saesteer.testing import EVAL_DOCS as DOCS
 
     seqs = [lm.tokenizer(d.text).input_ids for d in DOCS] * 4
     data = compute_many(lm, [sae], corpus_sequences=seqs, n_tokens=None, cache=False, use_bundled=False, top_n=12)[0]
@@ -185,6 +185,66 @@ def test_resume_completes_an_interrupted_run(tiny_features, tiny_lm, tiny_sae, t
     key = ["feature", "amp", "prefix_idx"]
     pd.testing.assert_frame_equal(again.generations[cols].sort_values(key).reset_index(drop=True),
                                   res.generations[cols].sort_values(key).reset_index(drop=True))
+
+
+def test_resume_with_another_unit_size_skips_finished_features(tiny_features, tiny_lm, tiny_sae, tmp_path):
+    """Units of one feature, stopped after two of the five planned features; resumed with units of two: the
+    finished features are not run again, no generation is counted twice, and the result is the clean run's."""
+    res, bank, _, _, _ = tiny_features
+    out = tmp_path / "one-by-one"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        FeatureLevelRun(tiny_lm, tiny_sae, bank, out, replace(TINY, features_per_unit=1), prefixes=PREFIXES).run(stop_after_two)
+    logs, seen = [], []
+    FeatureLevelRun(tiny_lm, tiny_sae, bank, out, TINY, prefixes=PREFIXES, resume=True, log=logs.append).run(
+        lambda d, t: seen.append((d, t)))
+    assert seen == [(2, 5), (4, 5), (5, 5)] and len(logs) == 2  # the three missing features, in units of <= 2
+    again = load_feature_run(out, bank)
+    key = ["feature", "amp", "prefix_idx"]
+    assert not again.generations.duplicated(key).any() and len(again.generations) == len(res.generations)
+    cols = [*key, "text", "success_20", "best"]
+    pd.testing.assert_frame_equal(again.generations[cols].sort_values(key).reset_index(drop=True),
+                                  res.generations[cols].sort_values(key).reset_index(drop=True))
+    assert again.features["best_amp"].tolist() == res.features["best_amp"].tolist()
+
+
+def test_a_feature_in_two_units_is_read_once(tiny_features, tmp_path):
+    """A run folder where one feature's unit is there twice (as runs before per-feature resumption left it)."""
+    import shutil
+
+    res, bank, out, _, _ = tiny_features
+    twice = tmp_path / "twice"
+    shutil.copytree(out, twice)
+    first = sorted((twice / "units").glob("f*.json"))[0]
+    for suffix in (".json", ".parquet"):
+        shutil.copy(first.with_suffix(suffix), (twice / "units" / "z-copy").with_suffix(suffix))
+    again = load_feature_run(twice, bank)
+    assert len(again.generations) == len(res.generations) and len(again.features) == len(res.features)
+
+
+def test_resume_recomputes_a_missing_reference_perplexity(tiny_features, tiny_lm, tiny_sae, tmp_path):
+    """A run stopped after the unsteered texts were saved but before meta.json got their median perplexity:
+    the resume takes it from the saved texts (without it every fluency would be NaN)."""
+    import json
+    import shutil
+
+    res, bank, out, _, _ = tiny_features
+    part = tmp_path / "no-ref"
+    shutil.copytree(out, part)
+    meta = json.loads((part / "meta.json").read_text())
+    ref = meta.pop("ppl_ref")
+    assert math.isfinite(ref)
+    (part / "meta.json").write_text(json.dumps(meta))
+    run = FeatureLevelRun(tiny_lm, tiny_sae, bank, part, TINY, prefixes=PREFIXES, resume=True)
+    run.unsteered()
+    assert run.meta["ppl_ref"] == ref and json.loads((part / "meta.json").read_text())["ppl_ref"] == ref
 
 
 def test_params_and_sample():

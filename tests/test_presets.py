@@ -207,7 +207,7 @@ def test_presets_and_the_lab_default_say_their_word_without_looping():
     bank = FeatureBank.from_feature_data(FeatureData.load(bundled_feature_dir(lm.name, sae.id)))
     d = presets.defaults(lm, sae, bank)
     assert d.presets, f"no preset at layer {layer}: {d.reason}"
-    amps = [presets.preset_strength(lm, sae, d, p)[0] for p in d.presets]  # presets[0] is also the lab's default feature
+    amps = [presets.preset_strength(lm, sae, p)[0] for p in d.presets]  # presets[0] is also the lab's default feature
     feats = list(dict.fromkeys(p.feature for p in d.presets))
     s = np.zeros((len(d.presets), len(feats)), dtype=np.float32)
     for i, (p, a) in enumerate(zip(d.presets, amps)):

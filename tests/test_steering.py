@@ -552,3 +552,14 @@ def test_fast_greedy_decoding_takes_the_float32_argmax_of_each_step(monkeypatch)
         list(_decode_loop(lm, encode_prompts(lm, [PROMPTS[0]]), max_new_tokens=3, temperature=0.7, seed=0, model=fast))
         list(_decode_loop(lm, encode_prompts(lm, [PROMPTS[0]]), max_new_tokens=3, temperature=0.0, seed=0, model=lm.model))
     assert not seen
+
+
+def test_sample_until_stop_refuses_features_without_an_sae(tiny_lm):
+    """As generate and stream_rows do: features with no SAE to take directions from are an error, not dropped."""
+    with pytest.raises(ConfigError, match="features were given without an SAE"):
+        steering.sample_until_stop(tiny_lm, ["the sea"], sae=None, features=[3], strengths=torch.tensor([[4.0]]), seeds=[0],
+                                   temperature=0.7, max_new_tokens=3)
+    plain = steering.sample_until_stop(tiny_lm, ["the sea"], sae=None, features=[], strengths=torch.zeros(1, 0), seeds=[0],
+                                       temperature=0.7, max_new_tokens=3)
+    assert len(plain) == 1 and len(plain[0]) <= 3  # no features and no SAE: an unsteered sample
+    assert_no_hooks(tiny_lm)

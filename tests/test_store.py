@@ -272,3 +272,17 @@ def test_windows_are_stored_once_per_sequence_and_round_trip(tiny_lm, tmp_path):
     again = FeatureData.load(trimmed.save(tmp_path / "trimmed"))
     np.testing.assert_array_equal(again.ctx_tokens, trimmed.ctx_tokens)
     assert [c.tokens for c in again.contexts(17)] == [c.tokens for c in trimmed.contexts(17)]
+
+
+def test_store_has_judges_completeness_without_loading(tmp_path):
+    store = Store(tmp_path)
+    assert not store.has("k", "a.npz")
+    store.save_arrays("k", "a.npz", {"x": np.arange(3)})
+    assert store.has("k", "a.npz")
+    path = store.path("k", "a.npz")
+    path.write_bytes(path.read_bytes()[:-1])  # truncated: the sidecar's size no longer matches
+    assert not store.has("k", "a.npz")
+    store.save_arrays("k", "a.npz", {"x": np.arange(3)})
+    store.discard("k", "a.npz")
+    assert not store.has("k", "a.npz") and not path.exists()
+    assert not Store(tmp_path, enabled=False).has("k", "a.npz")

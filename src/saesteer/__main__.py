@@ -13,7 +13,7 @@ COMMANDS = {
     "scores": ("scores", "compute input/output scores and activation statistics"),
     "build-corpus": ("build_corpus", "rebuild the bundled offline corpus from Debian packages"),
     "build-bundle": ("build_bundle", "train the bundled SAEs with sae-lens and measure their quality"),
-    "eval": ("evaluate", "evaluate steering: output- vs input-score selection vs baselines"),
+    "eval": ("evaluate", "evaluate steering: the paper's feature-level and concept-level experiments"),
 }
 
 

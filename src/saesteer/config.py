@@ -28,6 +28,21 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
 
 
+def check_whole(name: str, value, low: int = 1, high: int | None = None) -> None:
+    """Refuse ``value`` unless it is a whole number (a bool is not) from ``low`` to ``high`` (no bound: None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"a whole number >= {low}"
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_numbers(name: str, values, bound: float = MAX_ABS_STRENGTH) -> None:
+    """Refuse ``values`` unless it is a non-empty list of finite numbers with |value| <= ``bound``."""
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        raise ConfigError(f"{name} must be a non-empty list of finite numbers, got {values!r}")
+    if any(abs(v) > bound for v in values):
+        raise ConfigError(f"{name} {values!r} are out of range: use |value| <= {bound:g}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which language model to load and how."""
@@ -135,8 +150,7 @@ class SteerParams:
                 raise ConfigError(f"strength {s} is out of range: use |strength| <= {MAX_ABS_STRENGTH:g}")
         if self.mode not in ("paper", "additive"):
             raise ConfigError(f"mode {self.mode!r} is unknown: use 'paper' or 'additive'")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ConfigError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens!r}")
+        check_whole("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
         if not math.isfinite(self.temperature) or not 0 <= self.temperature <= 5:
             raise ConfigError(f"temperature must be between 0 and 5, got {self.temperature!r}")
 

@@ -190,11 +190,13 @@ def _chunk_task(loader: Loader, ref, start: int, stop: int, params: ScoreParams,
 
 
 def _shard_task(loader: Loader, refs: tuple, sequences: list[list[int]], first: int, batch_sequences: int,
-                top_n: int, window: int, after: int, threads: float):
+                top_n: int, window: int, after: int, threads: float, kill: bool = False):
     """Activation statistics of one corpus shard for several SAEs (one forward per batch serves them all)."""
     from .activations import activation_pass
     from .features import stats_to_arrays
 
+    if kill:  # fault injection for the tests, as in _chunk_task
+        os._exit(1)
     _set_threads(threads)
     lm, saes = None, []
     for ref in refs:
@@ -229,9 +231,15 @@ def _chunk_name(kind: str, start: int, stop: int) -> str:
     return f"{kind}/{start:08d}-{stop:08d}.npz"
 
 
-def _have(store: store_mod.Store, key: str, name: str, n: int) -> bool:
+def _have(store: store_mod.Store, key: str, name: str, n: int, per_item: Sequence[str] | None = None) -> bool:
+    """Whether ``name`` is cached whole: it loads, and its arrays named in ``per_item`` (all of them when None)
+    have one row per item, ``n`` in all. A shard names its per-latent arrays: its counts are scalars and its
+    histogram edges are not per latent."""
     part = store.load_arrays(key, name)
-    return part is not None and all(len(v) == n for v in part.values())
+    if part is None:
+        return False
+    names = part.keys() if per_item is None else per_item
+    return all(k in part and part[k].ndim >= 1 and len(part[k]) == n for k in names)
 
 
 def _groups(saes: Sequence, width: int) -> list[list[int]]:
@@ -266,6 +274,7 @@ def run_job(
     window: int = WINDOW,
     after: int = AFTER,
     kill: tuple[str, int] | None = None,
+    kill_shard: int | None = None,
 ) -> tuple[list, JobReport]:
     """Feature data of every SAE in ``saes`` (``refs[i]`` rebuilds ``saes[i]`` on a worker through ``loader``),
     computed on a Ray cluster and cached; returns (FeatureData list, :class:`JobReport`).
@@ -274,10 +283,10 @@ def run_job(
     the result; all scoring runs in tasks. Cached chunks and shards are not submitted again. A task that fails
     (after ``cluster.max_retries`` retries of a dead worker) does not stop the others: everything that finished
     is saved, then :class:`JobFailed` names what is missing. ``kill=(sae_id, start)`` makes that chunk's worker
-    die (fault injection, for tests).
+    die, ``kill_shard=start`` the worker of the corpus shard starting at that sequence (fault injection, for tests).
     """
-    from .features import (DEFAULT_TOKENS, OUTPUT_CHUNK, cache_keys, check_only, compute_many, corpus_pass_sequences,
-                           stats_from_arrays, stats_to_arrays)
+    from .features import (DEFAULT_TOKENS, OUTPUT_CHUNK, STATS_PER_LATENT, cache_keys, check_only, compute_many,
+                           corpus_pass_sequences, stats_from_arrays, stats_to_arrays)
 
     params = params or ScoreParams()
     cluster = cluster or ClusterParams()
@@ -313,11 +322,12 @@ def run_job(
     shards: list[tuple[list[int], int, int]] = []  # (sae indices still missing it, start, stop)
     if only != "output":
         step = -(-max(cluster.shard_sequences, 1) // batch_sequences) * batch_sequences
-        merged = [store.load_arrays(keys[i].activations, "activations.npz") is not None for i in range(len(saes))]
+        merged = [store.has(keys[i].activations, "activations.npz") for i in range(len(saes))]
         for members in _groups(saes, cluster.group_width):
             for start in range(0, len(seqs), step):
                 stop = min(start + step, len(seqs))
-                need = [i for i in members if not merged[i] and not _have(store, keys[i].activations, _shard_name(start, stop), saes[i].width)]
+                need = [i for i in members if not merged[i]
+                        and not _have(store, keys[i].activations, _shard_name(start, stop), saes[i].width, STATS_PER_LATENT)]
                 if need:
                     shards.append((need, start, stop))
                 else:
@@ -346,7 +356,7 @@ def run_job(
             report.chunk_tasks.append((saes[i].id, start))
         for members, start, stop in shards:
             ref = shard_fn.remote(loader_ref, tuple(refs[i] for i in members), seqs[start:stop], start, batch_sequences,
-                                  top_n, window, after, cluster.cpus_per_task)
+                                  top_n, window, after, cluster.cpus_per_task, kill_shard == start)
             pending[ref] = ("shard", members, start, stop)
             report.shard_tasks.append((start, stop))
         report.submitted = total
@@ -382,7 +392,7 @@ def run_job(
         if not _have(store, keys[i].lens, "lens.npz", s.width):
             parts = [store.load_arrays(keys[i].lens, _chunk_name("lens", a, min(a + OUTPUT_CHUNK, s.width))) for a in range(0, s.width, OUTPUT_CHUNK)]
             store.save_arrays(keys[i].lens, "lens.npz", {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, compress=False)
-        if only != "output" and store.load_arrays(keys[i].activations, "activations.npz") is None:
+        if only != "output" and not store.has(keys[i].activations, "activations.npz"):
             merged: ActivationStats | None = None
             step = -(-max(cluster.shard_sequences, 1) // batch_sequences) * batch_sequences
             for start in range(0, len(seqs), step):
@@ -390,8 +400,7 @@ def run_job(
                 merged = part if merged is None else merge_stats(merged, part)
             store.save_arrays(keys[i].activations, "activations.npz", stats_to_arrays(merged))
             for start in range(0, len(seqs), step):  # the merged file replaces the shards (each as large as it)
-                path = store.path(keys[i].activations, _shard_name(start, min(start + step, len(seqs))))
-                store._discard(path)
+                store.discard(keys[i].activations, _shard_name(start, min(start + step, len(seqs))))
     data = compute_many(lm, list(saes), seqs, params, None, only=only, store=store, corpus_name=corpus_name,
                         batch_sequences=batch_sequences, top_n=top_n, window=window, after=after)
     return data, report

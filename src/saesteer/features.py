@@ -396,6 +396,12 @@ def matching_bundled(lm: LoadedModel, sae: LoadedSae, params: ScoreParams | None
     return None
 
 
+#: The arrays of :func:`stats_to_arrays` with one row per latent (the others are the token and sequence counts and
+#: the histogram's edges).
+STATS_PER_LATENT = ("fire_count", "max_activation", "hist_counts", "top_acts", "top_seq", "top_pos", "top_token",
+                    "win_start", "win_tokens", "win_acts")
+
+
 def stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
     """Activation statistics as the arrays the cache stores (:func:`stats_from_arrays` reads them back)."""
     return {
@@ -407,19 +413,21 @@ def stats_to_arrays(s: ActivationStats) -> dict[str, np.ndarray]:
 
 
 def stats_from_arrays(sae: LoadedSae, a: dict[str, np.ndarray]) -> ActivationStats:
+    """The statistics :func:`stats_to_arrays` stored, for ``sae``."""
     return ActivationStats(sae.id, sae.layer, int(a["n_tokens"]), int(a["n_sequences"]), a["fire_count"], a["max_activation"],
                            a["hist_edges"], a["hist_counts"], a["top_acts"], a["top_seq"], a["top_pos"], a["top_token"],
                            a["win_start"], a["win_tokens"], a["win_acts"])
 
 
 def output_to_arrays(r: OutputScoreResult) -> dict[str, np.ndarray]:
-    """Output scores as the arrays the cache stores (:func:`output_from_arrays` reads them back)."""
+    """Output scores as the arrays the cache stores, one row per feature (:func:`output_from_arrays` reads them back)."""
     n = len(r.features)
     return {"features": r.features, "score": r.score, "min_rank": r.min_rank, "max_prob": r.max_prob, "token_ids": r.token_ids,
             "ranks": r.ranks, "probs": r.probs, "added": np.full(n, r.added_activation)}
 
 
 def output_from_arrays(a: dict[str, np.ndarray], vocab_size: int, rank_cap: int) -> OutputScoreResult:
+    """The output scores :func:`output_to_arrays` stored."""
     added = float(a["added"][0]) if len(a["added"]) else math.nan
     return OutputScoreResult(a["features"], a["score"], a["min_rank"], a["max_prob"], a["token_ids"], a["ranks"], a["probs"],
                              added, vocab_size, rank_cap)

@@ -4,7 +4,7 @@ or were computed for other weights.
 
 - **From the evaluation** (a run under ``assets/eval/results/`` or the cache whose model and SAE fingerprints
   match the loaded weights): the layer's default amp is the evaluation's best amp for the output-score pick
-  (``evaluate.best_strength`` over its train rows, all concepts pooled); the presets are the concepts where
+  (``evaluation.best_strength`` over its train rows, all concepts pooled); the presets are the concepts where
   the output pick's test texts mention the concept more often than the unsteered model's do, best combined
   score first, each at the amp the evaluation chose for it.
 - **Fallback: calibration.** The presets are the concepts of ``assets/eval/concepts.txt`` whose output pick
@@ -272,7 +272,7 @@ def _choose(feature: int, word: str, texts: dict[float, str]) -> Calibration:
     return Calibration(feature, word, FALLBACK_STRENGTH, False, texts)
 
 
-def preset_strength(lm: LoadedModel, sae: LoadedSae, d: Defaults, preset: Preset) -> tuple[float, str]:
+def preset_strength(lm: LoadedModel, sae: LoadedSae, preset: Preset) -> tuple[float, str]:
     """(amp, why) of a preset: the evaluation's amp for it, else its calibration."""
     if preset.strength is not None:
         return preset.strength, preset.evidence

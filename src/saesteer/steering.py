@@ -407,6 +407,12 @@ def _greedy_head(lm: LoadedModel, model: nn.Module):
 Seeds = int | Sequence[int]
 
 
+def _require_sae(sae: LoadedSae | None, features: Sequence[int]) -> None:
+    """Features steer along an SAE's decoder directions: refuse them without one (never drop them silently)."""
+    if len(features) and sae is None:
+        raise ConfigError("features were given without an SAE to take their directions from")
+
+
 def _seed_list(seed: Seeds, batch: int) -> list[int] | None:
     """None for one generator shared by the batch (an int seed), else one validated seed per row."""
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
@@ -519,8 +525,7 @@ def generate(
     if not prompts:
         raise ConfigError("no prompts given")
     features = tuple(features)
-    if features and sae is None:
-        raise ConfigError("features were given without an SAE to take their directions from")
+    _require_sae(sae, features)
     if strengths is None:
         strengths = [0.0] * len(features)
     s = strength_tensor(strengths, len(features), batch=len(prompts))
@@ -594,9 +599,10 @@ def sample_until_stop(
     if not temperature > 0:
         raise ConfigError(f"sampling needs a temperature > 0, got {temperature!r}")
     SteerParams(max_new_tokens=max_new_tokens, temperature=temperature, mode=mode)
+    features = tuple(features)
+    _require_sae(sae, features)
     seeds = _seed_list(list(seeds), len(prompts))
     ids = encode_prompts(lm, prompts, max_prompt_tokens, max_new_tokens)
-    features = tuple(features)
     live = LiveRows(strengths if len(features) else torch.zeros(len(prompts), 0), len(features))
     if live.strengths.shape[0] != len(prompts):
         raise ConfigError(f"{live.strengths.shape[0]} rows of strengths for {len(prompts)} prompts")
@@ -657,8 +663,7 @@ def pair_strengths(params: SteerParams) -> torch.Tensor:
 def generate_pair(lm: LoadedModel, sae: LoadedSae | None, prompt: str, params: SteerParams, *, fast: bool = False) -> tuple[str, str]:
     """(baseline, steered) continuations of one prompt, decoded as one 2-row batch with the same seed per row
     (what :func:`stream_pair` streams). On the exact path each equals the row generated alone."""
-    if params.features and sae is None:
-        raise ConfigError("features were given without an SAE to take their directions from")
+    _require_sae(sae, params.features)
     base, steered = generate(
         lm, [prompt, prompt], sae=sae, features=params.features, strengths=pair_strengths(params), mode=params.mode,
         max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=[params.seed, params.seed],
@@ -774,8 +779,7 @@ def _stream_rows(
 
 
 def _check_stream_args(sae: LoadedSae | None, params: SteerParams) -> None:
-    if params.features and sae is None:
-        raise ConfigError("features were given without an SAE to take their directions from")
+    _require_sae(sae, params.features)
     if sae is not None:
         for f in params.features:
             sae.check_feature(f)
@@ -857,8 +861,7 @@ def stream_rows(
     early close and a held ``lm.lock`` behave as in :func:`stream`.
     """
     features = tuple(int(f) for f in features)
-    if features and sae is None:
-        raise ConfigError("features were given without an SAE to take their directions from")
+    _require_sae(sae, features)
     if sae is not None:
         for f in features:
             sae.check_feature(f)

@@ -195,6 +195,24 @@ class Store:
         self._discard(path)
         return None
 
+    def has(self, key: str, name: str) -> bool:
+        """Whether ``name`` is stored under ``key`` complete, judged without reading it: the file and its sidecar
+        exist and the sidecar records the file's size. (A load still verifies the checksum: a damaged file of the
+        right size is found then, and recomputed.)"""
+        if not self.enabled:
+            return False
+        path = self.path(key, name)
+        try:
+            meta = json.loads(_sidecar(path).read_text())
+            size = path.stat().st_size
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("bytes") == size
+
+    def discard(self, key: str, name: str) -> None:
+        """Remove ``name`` under ``key`` and its sidecar, if present (nothing happens in a read-only cache)."""
+        self._discard(self.path(key, name))
+
     def _discard(self, path: Path) -> None:
         if not self.writable:
             return

@@ -11,17 +11,50 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import MAX_NEW_TOKENS_LIMIT, PAPER_STRENGTHS, ConfigError
-from . import (
-    USER_ERRORS,
-    add_model_args,
-    add_sae_args,
-    fail,
-    model_spec_from_args,
-    precheck_sae,
-    sae_spec_from_args,
+from ..config import MAX_NEW_TOKENS_LIMIT, ConfigError
+from ..evaluation.feature_level import FeatureLevelParams
+from ..evaluation.params import EvalParams
+from . import USER_ERRORS, add_model_and_sae_args, fail, specs_from_args
+from .flags import Flag, add_flags, build, integer, number, numbers, parse_int, text, words
+
+
+def feature_ids(raw, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(raw).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {raw!r}") from None
+
+
+#: The EvalParams fields the concept level's command line sets (the Evaluation page's --resume command too).
+FLAGS = (
+    Flag("n_prefixes", integer(2)),
+    Flag("strengths", numbers(), many=True),
+    Flag("diffmean_coeffs", numbers(), many=True),
+    Flag("methods", words(), many=True),
+    Flag("max_new_tokens", integer(1, MAX_NEW_TOKENS_LIMIT)),
+    Flag("seed", integer(0)),
+    Flag("theta", number()),
+    Flag("tau", number()),
+    Flag("top_k", integer(1, 1000)),
+    Flag("max_contexts", integer(1)),
+    Flag("min_contexts", integer(1)),
+    Flag("batch_size", integer(1)),
+    Flag("concepts_per_batch", integer(1)),
 )
-from .flags import parse_floats, parse_int
+#: The FeatureLevelParams fields ``eval features`` sets.
+FEATURE_FLAGS = (
+    Flag("n_features", integer(1), flag="--n"),
+    Flag("features", feature_ids, flag="--feature-ids", note="(comma-separated; instead of a random sample)"),
+    Flag("seed", integer(0)),
+    Flag("n_prefixes", integer(1), flag="--prefixes"),
+    Flag("amps", numbers(), many=True),
+    Flag("max_new_tokens", integer(1)),
+    Flag("temperature", number()),
+    Flag("select", text(("combined", "success"))),
+    Flag("batch_size", integer(1)),
+    Flag("features_per_unit", integer(1)),
+)
+DEFAULT_N_CONCEPTS = 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,80 +66,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluation.feature_level import FeatureLevelParams
-
-    d = FeatureLevelParams()
-    add_model_args(p)
-    add_sae_args(p)
-    p.add_argument("--n", default=str(d.n_features), help=f"random features to steer (default {d.n_features})")
-    p.add_argument("--feature-ids", default=None, help="comma-separated feature ids instead of a random sample")
-    p.add_argument("--seed", default=str(d.seed), help="seeds the feature sample and the sampling of every generation")
-    p.add_argument("--prefixes", default=str(d.n_prefixes), help=f"use the first N of the paper's 50 prefixes (default {d.n_prefixes})")
-    p.add_argument("--amps", nargs="+", default=None, help=f"paper-mode amplifications (default: {' '.join(f'{s:g}' for s in d.amps)})")
-    p.add_argument("--max-new-tokens", default=str(d.max_new_tokens), help=f"new tokens per generation (default {d.max_new_tokens})")
-    p.add_argument("--temperature", default=str(d.temperature), help=f"sampling temperature (default {d.temperature})")
-    p.add_argument("--select", default=d.select, choices=["combined", "success"], help="how the best amp is chosen (see the module docstring)")
-    p.add_argument("--batch-size", default=str(d.batch_size), help="rows per decode call (memory and speed, not results)")
-    p.add_argument("--features-per-unit", default=str(d.features_per_unit), help="features per saved unit (resumption, not results)")
+    add_model_and_sae_args(p)
+    add_flags(p, FeatureLevelParams, FEATURE_FLAGS)
     p.add_argument("--out", default=None, help="output directory (default: ~/.cache/saesteer/eval/<model>/<sae id>/features)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished features")
-    p.add_argument("--features", default=None, help="feature-data directory (default: the bundled data of the SAE)")
+    p.add_argument("--features", dest="features_dir", default=None, help="feature-data directory (default: the bundled data of the SAE)")
 
 
 def add_concept_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluation import DIFFMEAN_COEFFS, METHODS
-
-    add_model_args(p)
-    add_sae_args(p)
-    # Numbers are parsed as strings so that bad values get saesteer's one-line error, not argparse's usage dump.
+    add_model_and_sae_args(p)
     p.add_argument("--concepts", default=None, help="file with one concept per line (default: assets/eval/concepts.txt)")
-    p.add_argument("--n-concepts", default="30", help="evaluate this many concepts that have candidate features (file order)")
+    p.add_argument("--n-concepts", default=str(DEFAULT_N_CONCEPTS), help="evaluate this many concepts that have candidate features (file order)")
     p.add_argument("--prefixes", default=None, help="file with one neutral prefix per line (default: assets/eval/prefixes.txt)")
-    p.add_argument("--n-prefixes", default="20", help="use the first N prefixes (half choose the strength, half are reported)")
+    add_flags(p, EvalParams, FLAGS)
     p.add_argument("--out", default=None, help="output directory (default: ~/.cache/saesteer/eval/<model>/<sae id>)")
     p.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished (concept, method) units")
-    p.add_argument("--strengths", nargs="+", default=None, help=f"paper-mode amplifications (default: {' '.join(f'{s:g}' for s in PAPER_STRENGTHS)})")
-    p.add_argument("--diffmean-coeffs", nargs="+", default=None, help=f"DiffMean coefficients × residual norm (default: {' '.join(f'{s:g}' for s in DIFFMEAN_COEFFS)})")
-    p.add_argument("--methods", nargs="+", default=None, help=f"methods to run (default: all of {' '.join(METHODS)})")
-    p.add_argument("--max-new-tokens", default="24", help=f"tokens generated per prefix, 1..{MAX_NEW_TOKENS_LIMIT}")
-    p.add_argument("--seed", default="0", help="seed of the prefix split, random features and LoRA")
-    p.add_argument("--batch-size", default="512", help="rows per batched generate call (memory and speed, not results)")
-    p.add_argument("--concepts-per-batch", default="3", help="concepts whose rows share each decode call (speed, not results)")
-    p.add_argument("--features", default=None, help="feature-data directory (default: the bundled data of the SAE)")
+    p.add_argument("--features", dest="features_dir", default=None, help="feature-data directory (default: the bundled data of the SAE)")
     p.add_argument("--judge", action="store_true", help="also rate the reported generations with an LLM judge (see SAESTEER_JUDGE_* variables)")
 
 
-def _int(value: str, what: str, low: int = 1) -> int:
-    return parse_int(value, what, low)
-
-
-def _floats(values: list[str] | None, what: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    return default if values is None else parse_floats(values, what)
-
-
-def params_from_args(args: argparse.Namespace):
+def params_from_args(args: argparse.Namespace) -> EvalParams:
     """Everything that needs no model, validated before the model loads."""
-    from ..evaluation import DIFFMEAN_COEFFS, METHODS, EvalParams
-
-    methods = tuple(args.methods) if args.methods else METHODS
-    return EvalParams(
-        strengths=_floats(args.strengths, "--strengths", PAPER_STRENGTHS),
-        diffmean_coeffs=_floats(args.diffmean_coeffs, "--diffmean-coeffs", DIFFMEAN_COEFFS),
-        methods=methods,
-        n_prefixes=_int(args.n_prefixes, "--n-prefixes", 2),
-        max_new_tokens=_int(args.max_new_tokens, "--max-new-tokens"),
-        seed=_int(args.seed, "--seed", 0),
-        batch_size=_int(args.batch_size, "--batch-size"),
-        concepts_per_batch=_int(args.concepts_per_batch, "--concepts-per-batch"),
-    )
-
-
-def feature_scores(lm, sae, directory: str | None):
-    """Input/output scores and logit lens of ``sae``: from ``directory`` or the SAE's bundled feature data."""
-    from ..evaluation import FeatureScores
-
-    data, source = feature_data(lm, sae, directory)
-    return FeatureScores.from_table(data.table, data.lens, source)
+    return build(EvalParams, args, FLAGS)
 
 
 def feature_data(lm, sae, directory: str | None):
@@ -129,27 +110,9 @@ def feature_data(lm, sae, directory: str | None):
     return data, source
 
 
-def feature_params_from_args(args: argparse.Namespace):
+def feature_params_from_args(args: argparse.Namespace) -> FeatureLevelParams:
     """The feature-level parameters, validated before the model loads."""
-    from ..evaluation.feature_level import FeatureLevelParams
-
-    ids = None
-    if args.feature_ids:
-        try:
-            ids = tuple(int(x) for x in args.feature_ids.split(",") if x.strip())
-        except ValueError:
-            raise ConfigError(f"--feature-ids must be comma-separated integers, got {args.feature_ids!r}") from None
-    try:
-        temperature = float(args.temperature)
-    except ValueError:
-        raise ConfigError(f"--temperature must be a number, got {args.temperature!r}") from None
-    d = FeatureLevelParams()
-    return FeatureLevelParams(
-        n_features=_int(args.n, "--n"), seed=_int(args.seed, "--seed", 0), features=ids,
-        amps=_floats(args.amps, "--amps", d.amps), n_prefixes=_int(args.prefixes, "--prefixes"),
-        temperature=temperature, max_new_tokens=_int(args.max_new_tokens, "--max-new-tokens"), select=args.select,
-        batch_size=_int(args.batch_size, "--batch-size"), features_per_unit=_int(args.features_per_unit, "--features-per-unit"),
-    )
+    return build(FeatureLevelParams, args, FEATURE_FLAGS)
 
 
 def run_features(args: argparse.Namespace) -> int:
@@ -165,13 +128,10 @@ def run_features(args: argparse.Namespace) -> int:
 
     try:
         params = feature_params_from_args(args)
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-        precheck_sae(sae_spec, model_spec.name, params.features or ())
+        model_spec, sae_spec = specs_from_args(args, params.features or ())
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
-        data, source = feature_data(lm, sae, args.features)
-        bank = FeatureBank.from_feature_data(data, source)
+        bank = FeatureBank.from_feature_data(*feature_data(lm, sae, args.features_dir))
         out = Path(args.out) if args.out else layout.default_out_dir(lm.name, sae.id) / layout.FEATURES_SUBDIR
         run = FeatureLevelRun(lm, sae, bank, out, params, resume=args.resume, log=log)
         write_feature_scores(out, bank, run.features)
@@ -206,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_concepts(args: argparse.Namespace) -> int:
     from .. import evaluation as evaluate, models, saes
+    from ..evaluation.candidates import FeatureBank
     from ..features import FeatureDataError
     from ..saes import SaeLoadError
 
@@ -216,7 +177,7 @@ def run_concepts(args: argparse.Namespace) -> int:
         params = params_from_args(args)
         concepts = evaluate.read_list(args.concepts) if args.concepts else evaluate.default_concepts()
         prefixes = evaluate.read_list(args.prefixes) if args.prefixes else evaluate.default_prefixes()
-        n_concepts = _int(args.n_concepts, "--n-concepts")
+        n_concepts = parse_int(args.n_concepts, "--n-concepts", 1)
         if not concepts:
             raise ConfigError("the concepts file lists no concepts")
         if len(prefixes) < params.n_prefixes:
@@ -226,20 +187,19 @@ def run_concepts(args: argparse.Namespace) -> int:
             from ..judge import judge_from_env
 
             judge = judge_from_env()
-        sae_spec = sae_spec_from_args(args)
-        model_spec = model_spec_from_args(args)
-        precheck_sae(sae_spec, model_spec.name)
+        model_spec, sae_spec = specs_from_args(args)
         lm = models.load_model(model_spec)
         sae = saes.load_sae(sae_spec, lm, model_name=model_spec.name)
-        scores = feature_scores(lm, sae, args.features)
+        bank = FeatureBank.from_feature_data(*feature_data(lm, sae, args.features_dir))
         out = Path(args.out) if args.out else evaluate.default_out_dir(lm.name, sae.id)
-        results = evaluate.run_evaluation(lm, sae, scores, concepts, out, params, prefixes=prefixes, n_concepts=n_concepts,
+        results = evaluate.run_evaluation(lm, sae, bank, concepts, out, params, prefixes=prefixes, n_concepts=n_concepts,
                                           resume=args.resume, judge=judge, log=log)
     except (*USER_ERRORS, SaeLoadError, FeatureDataError) as exc:
         return fail(str(exc))
-    table = results.methods()
+    table = results.methods(common=False)
     cols = [c for c in ("method", "n_concepts", "concept_score", "success_k", "fluency", "combined", "judge_score") if c in table.columns]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(evaluate.concept_headline(results))
     units = results.units
     if len(units):
         all_skipped = units.groupby("concept")["status"].apply(lambda s: (s == "skipped").all())

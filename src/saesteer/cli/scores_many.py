@@ -134,11 +134,25 @@ def run_many(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         for sae, data in zip(saes, datas):
-            data.save(Path(args.save) / sae.id.replace("/", "__"))
+            target = Path(args.save) / sae.id.replace("/", "__")
+            try:
+                data.save(target)
+            except OSError as exc:
+                return _write_failed("--save", target, exc, args.no_cache)
     if args.out:
         table = pd.concat(tables, ignore_index=True)
         table = table[["sae", "layer", *[c for c in table.columns if c not in ("sae", "layer")]]]
-        table.to_csv(args.out, index=False) if args.out.endswith(".csv") else table.to_parquet(args.out, index=False)
+        try:
+            table.to_csv(args.out, index=False) if args.out.endswith(".csv") else table.to_parquet(args.out, index=False)
+        except OSError as exc:
+            return _write_failed("--out", args.out, exc, args.no_cache)
         print(f"wrote {len(table)} features of {len(saes)} SAE(s) to {args.out}")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
+
+
+def _write_failed(flag: str, path, exc: OSError, no_cache: bool) -> int:
+    """The one-line error for an output that could not be written after the job ran."""
+    again = ("--no-cache: nothing was cached, so a rerun computes the scores again" if no_cache else
+             "the scores are computed and in the feature cache: rerun with a writable path to write them without recomputing")
+    return fail(f"{flag}: could not write {path} ({exc.__class__.__name__}: {exc.strerror or exc}); {again}")

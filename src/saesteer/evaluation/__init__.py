@@ -18,18 +18,14 @@ from .candidates import (
     CandidateParams,
     ConceptCandidates,
     FeatureBank,
-    FeatureScores,
-    Selection,
     candidate_table,
     candidates_for,
     concept_candidates,
     concept_token_ids,
     concept_variants,
-    select_features,
 )
 from .concept_level import Evaluation, run_evaluation
 from .layout import (
-    ASSETS_EVAL,
     PACKED_UNITS,
     concept_runs,
     default_concepts,
@@ -59,12 +55,31 @@ from .params import (
     BASELINES,
     DIFFMEAN_COEFFS,
     GRID_METHODS,
+    KNOWN_METHODS,
+    KNOWN_SAE_METHODS,
     METHODS,
+    PREVIOUS_METHODS,
+    PREVIOUS_SAE_METHODS,
+    PROTOCOL,
     PROMPT_TEMPLATE,
     SAE_METHODS,
     EvalParams,
 )
-from .report import fig_compare, fig_concepts, fig_methods, fig_strength_curves, figures, write_report
-from .results import EvalResults, RunProgress, load_results, method_table, pack_results, run_progress, strength_curves, summarize
+from .report import concept_headline, fig_compare, fig_concepts, fig_methods, fig_strength_curves, figures, ratio_sentence, write_report
+from .results import (
+    CANDIDATE_KINDS,
+    EvalResults,
+    Ratio,
+    RunProgress,
+    candidate_counts,
+    feature_results,
+    load_results,
+    method_table,
+    pack_results,
+    paired_ratio,
+    run_progress,
+    strength_curves,
+    summarize,
+)
 
 __all__ = [n for n in dir() if not n.startswith("_")]

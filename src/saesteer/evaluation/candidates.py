@@ -32,10 +32,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 
-from ..config import ConfigError
-from .params import SAE_METHODS
+from ..config import ConfigError, check_whole
 
 #: Firing-share threshold of an input-side candidate: at least this share of its top contexts peak on a
 #: concept token. 0.5 means "most of what most strongly activates the feature is the concept".
@@ -66,10 +64,8 @@ class CandidateParams:
             raise ConfigError(f"theta must be in (0, 1], got {self.theta!r}")
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
             raise ConfigError(f"tau must be a finite number >= 0, got {self.tau!r}")
-        for name, lo in (("top_k", 1), ("max_contexts", 1), ("min_contexts", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        for name in ("top_k", "max_contexts", "min_contexts"):
+            check_whole(name, getattr(self, name))
 
 
 def concept_variants(concept: str) -> list[str]:
@@ -116,6 +112,13 @@ class FeatureBank:
             return self._rows[int(feature)]
         except (KeyError, TypeError, ValueError):
             raise KeyError(f"feature {feature!r} is not in this feature data ({len(self.features)} features)") from None
+
+    def has(self, feature: int) -> bool:
+        """Whether ``feature`` is in this feature data."""
+        try:
+            return int(feature) in self._rows
+        except (TypeError, ValueError):
+            return False
 
     @classmethod
     def from_feature_data(cls, data, source: str = "") -> FeatureBank:
@@ -274,65 +277,3 @@ def candidate_table(items: Sequence[ConceptCandidates]):
             row[f"{name}_firing_share"] = c.firing_share if c else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The logit-lens-only selection of the previous concept-level protocol (kept for the runner's "sae_*" methods)
-
-@dataclass
-class FeatureScores:
-    """What feature selection needs: each feature's logit-lens top tokens, output score and input score."""
-
-    features: np.ndarray  # (n,) int64
-    top_ids: np.ndarray  # (n, k) int64, best first
-    output_score: np.ndarray  # (n,) float64
-    input_score: np.ndarray  # (n,) float64, NaN where a feature has too few contexts
-    source: str = ""
-
-    @classmethod
-    def from_table(cls, table: pd.DataFrame, lens, source: str = "") -> FeatureScores:
-        """From a feature table (columns feature, output_score, input_score) and a ``scores.LogitLens``."""
-        missing = {"feature", "output_score", "input_score"} - set(table.columns)
-        if missing:
-            raise ConfigError(f"the feature table lacks column(s) {sorted(missing)}")
-        t = table.set_index("feature")
-        feats = np.asarray(lens.features, dtype=np.int64)
-        t = t.reindex(feats)
-        return cls(feats, np.asarray(lens.top_ids), t["output_score"].to_numpy(float), t["input_score"].to_numpy(float), source)
-
-
-@dataclass
-class Selection:
-    concept: str
-    token_ids: list[int]
-    candidates: list[int]
-    picks: dict[str, int]  # method -> feature
-    skipped: dict[str, str]  # method -> reason
-
-
-def _argmax_finite(values: np.ndarray) -> int | None:
-    if not np.isfinite(values).any():
-        return None
-    return int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf)))
-
-
-def select_features(concept: str, token_ids: Sequence[int], scores: FeatureScores, top_k: int = 20, seed: int = 0) -> Selection:
-    """Candidates of ``concept`` and the feature each SAE method steers with (ties: lowest feature id)."""
-    order = np.argsort(scores.features, kind="stable")
-    feats = scores.features[order]
-    mask = np.isin(scores.top_ids[order, :top_k], np.asarray(token_ids, dtype=np.int64)).any(axis=1)
-    cand = feats[mask]
-    picks: dict[str, int] = {}
-    skipped: dict[str, str] = {}
-    if len(cand) == 0:
-        reason = f"no feature has the concept among its top-{top_k} logit-lens tokens"
-        return Selection(concept, list(token_ids), [], {}, {m: reason for m in SAE_METHODS})
-    for method, values in (("sae_output", scores.output_score[order][mask]), ("sae_input", scores.input_score[order][mask])):
-        i = _argmax_finite(values)
-        if i is None:
-            skipped[method] = f"no candidate feature has an {method.removeprefix('sae_')} score"
-        else:
-            picks[method] = int(cand[i])
-    rng = np.random.default_rng([seed, zlib.crc32(concept.encode())])
-    picks["sae_random"] = int(cand[rng.integers(len(cand))])
-    return Selection(concept, list(token_ids), [int(f) for f in cand], picks, skipped)

@@ -1,23 +1,30 @@
-"""Concept-level steering evaluation: SAE features chosen by output score, by input score and at random, against baselines.
+"""Concept-level steering evaluation: SAE features found from the input side (what fires on the concept) or the
+output side (what promotes it), picked by activation, by output score, filtered by output score, or at random,
+against DiffMean, LoRA, prompting and no steering.
 
 Protocol (Arad, Mueller & Belinkov 2025, with AxBench's held-out strength selection):
 
-1. A *concept* is a word or short phrase. Its tokens are the single-token encodings of the concept as given,
-   lower-cased and capitalised, each with and without a leading space (a phrase with no single-token form
-   falls back to the first token of each of those forms). Its *candidate features* are those whose
-   logit-lens top-k (k = 20) contains one of these tokens.
-2. Among the candidates, ``sae_input`` takes the highest input score, ``sae_output`` the highest output score
-   and ``sae_random`` a seeded random one. A concept without candidates is reported as skipped.
-3. The prefixes are split once, seeded, into two halves. On the *train* half every grid method is run at
-   every strength (SAE features: paper mode over ``config.PAPER_STRENGTHS``; DiffMean: additive over
-   coefficients relative to the residual norm); the strength with the best mean combined score is chosen
-   there, and the method is reported at that strength on the *test* half only. Baselines without a grid
-   (``unsteered``, ``prompt``: "Talk about X." before the prefix, ``lora``) are reported on the test half.
-   All generations are greedy. Concepts are taken ``EvalParams.concepts_per_batch`` at a time and every
-   phase batches all their rows: one decode call (of at most ``batch_size`` rows) for every prefix ×
-   strength × method of the group's train half, one for its test half (LoRA rows included, each concept's
-   adapter applied to its own rows), one perplexity pass per phase. Rows do not interact, so each concept's
-   results are those of running it alone (tested).
+1. A *concept* is a word or short phrase; its tokens come from :func:`.candidates.concept_token_ids`. Its
+   candidates (:func:`.candidates.concept_candidates`, parameters ``EvalParams.theta``, ``tau``, ``top_k``,
+   ``max_contexts``, ``min_contexts``) are the *input-side* ones, features whose top contexts peak on a concept
+   token in at least a share theta of them (the offline stand-in for searching explanations, how AxBench
+   labelled its SAE features), and the *output-side* ones, whose logit-lens top-k holds a concept token.
+2. SAE methods: ``sae_activation`` steers with the activation pick (the input-side candidate of highest firing
+   share), ``sae_output`` with the highest output score over both sets, ``sae_filtered`` with *every*
+   input-side candidate whose output score is >= tau (the paper's filter; each feature gets its own strength and
+   its own rows, and the concept's result is their mean), ``sae_random`` with a seeded random candidate of
+   either set. A concept with no candidate at all is skipped (every method, and it does not count towards
+   ``n_concepts``); a concept lacking one kind records the methods that need it as skipped, with the reason.
+3. The prefixes are split once, seeded, into two halves. On the *train* half every grid method (each SAE
+   feature of each method, and DiffMean) is run at every strength (SAE features: paper mode over
+   ``config.PAPER_STRENGTHS``; DiffMean: additive over coefficients relative to the residual norm); the strength
+   with the best mean combined score is chosen there, and the method (the feature) is reported at that strength
+   on the *test* half only. Baselines without a grid (``unsteered``, ``prompt``: "Talk about X." before the
+   prefix, ``lora``) are reported on the test half. All generations are greedy. Concepts are taken
+   ``EvalParams.concepts_per_batch`` at a time and every phase batches all their rows: one decode call (of at
+   most ``batch_size`` rows) for every prefix × strength × feature × method of the group's train half, one for
+   its test half (LoRA rows included, each concept's adapter applied to its own rows), one perplexity pass per
+   phase. Rows do not interact, so each concept's results are those of running it alone (tested).
 
 Metrics of one generation (the continuation only, never the prefix):
 
@@ -74,7 +81,7 @@ from ..memory import for_each_batch
 from ..models import LoadedModel
 from ..saes import LoadedSae
 from . import layout
-from .candidates import FeatureScores, Selection, concept_token_ids, select_features
+from .candidates import Candidate, ConceptCandidates, FeatureBank, concept_candidates, concept_token_ids
 from .layout import default_prefixes, slug
 from .metrics import (
     best_strength,
@@ -87,7 +94,7 @@ from .metrics import (
     success_at_k,
     target_strings,
 )
-from .params import METHODS, PROMPT_TEMPLATE, SAE_METHODS, EvalParams, Log
+from .params import METHODS, PREVIOUS_SAE_METHODS, PROMPT_TEMPLATE, PROTOCOL, SAE_METHODS, EvalParams, Log
 from .report import write_report
 from .results import EvalResults, load_results
 
@@ -103,6 +110,43 @@ class _Row:
     concept: str = ""
 
 
+def sae_features(cc: ConceptCandidates) -> dict[str, tuple[Candidate, ...]]:
+    """SAE method -> the candidates it steers with; a method that is absent has none (it is skipped)."""
+    out = {"sae_activation": (cc.activation_pick,), "sae_output": (cc.output_pick,), "sae_filtered": cc.filtered,
+           "sae_random": (cc.random_pick,)}
+    return {m: cands for m, cands in out.items() if cands and all(c is not None for c in cands)}
+
+
+def skip_reason(cc: ConceptCandidates, method: str) -> str:
+    """Why ``method`` has no feature to steer with for the concept of ``cc`` (which kind of candidate is missing)."""
+    p = cc.params
+    no_input = (f"no input-side candidate: no feature has at least {p.min_contexts} top contexts with a share >= "
+                f"theta = {p.theta:g} of them peaking on the concept")
+    if method == "sae_activation" or (method == "sae_filtered" and not cc.input_side):
+        return no_input
+    if method == "sae_filtered":
+        best = max((c.output_score for c in cc.input_side if math.isfinite(c.output_score)), default=math.nan)
+        return (f"no input-side candidate has output score >= tau = {p.tau:g} (the {len(cc.input_side)} input-side "
+                f"candidate(s) score at most {best:.3g})")
+    if method == "sae_output":
+        return "no candidate feature has an output score"
+    return "no candidate feature (input- or output-side)"
+
+
+def _kinds(cc: ConceptCandidates) -> dict:
+    """What every unit record of a concept says about its candidates."""
+    return {"n_candidates": len(cc.union), **{f"n_{k}": v for k, v in cc.kinds.items()}, "concept_token_ids": list(cc.token_ids)}
+
+
+def _pick_info(method: str, cands: Sequence[Candidate]) -> dict:
+    if method == "sae_filtered":
+        return {"n_features": len(cands), "features": [c.feature for c in cands],
+                "feature_output_scores": [c.output_score for c in cands], "feature_firing_shares": [c.firing_share for c in cands]}
+    c = cands[0]
+    return {"feature": c.feature, "output_score": c.output_score, "input_score": c.input_score, "firing_share": c.firing_share,
+            "density": c.density, "input_side": c.input_side, "output_side": c.output_side}
+
+
 class Evaluation:
     """One evaluation run of one SAE layer, writing under ``out`` (see :func:`run_evaluation`)."""
 
@@ -110,7 +154,7 @@ class Evaluation:
         self,
         lm: LoadedModel,
         sae: LoadedSae,
-        scores: FeatureScores,
+        bank: FeatureBank,
         prefixes: Sequence[str],
         out: str | Path,
         params: EvalParams = EvalParams(),
@@ -121,9 +165,9 @@ class Evaluation:
     ):
         if len(prefixes) < params.n_prefixes:
             raise ConfigError(f"{len(prefixes)} prefixes given but n_prefixes={params.n_prefixes}: give more prefixes or lower --n-prefixes")
-        if scores.top_ids.shape[1] < params.top_k:
-            raise ConfigError(f"the feature data has {scores.top_ids.shape[1]} logit-lens tokens per feature, the evaluation needs top_k={params.top_k}")
-        self.lm, self.sae, self.scores, self.params = lm, sae, scores, params
+        if bank.top_ids.shape[1] < params.top_k:
+            raise ConfigError(f"the feature data has {bank.top_ids.shape[1]} logit-lens tokens per feature, the evaluation needs top_k={params.top_k}")
+        self.lm, self.sae, self.bank, self.params = lm, sae, bank, params
         self.prefixes = list(prefixes[: params.n_prefixes])
         self.out = Path(out)
         self.units = self.out / "units"
@@ -144,6 +188,8 @@ class Evaluation:
         from ..store import model_fingerprint, sae_fingerprint
 
         return {
+            "experiment": "concepts",
+            "protocol": PROTOCOL,
             "model": self.lm.name,
             "model_fingerprint": model_fingerprint(self.lm),
             "sae_id": self.sae.id,
@@ -154,7 +200,7 @@ class Evaluation:
             "prefixes": self.prefixes,
             "train_prefixes": self.train,
             "test_prefixes": self.test,
-            "feature_scores": self.scores.source,
+            "feature_scores": self.bank.source,
             "judge": getattr(self.judge, "name", None),
         }
 
@@ -165,6 +211,11 @@ class Evaluation:
             if not resume:
                 raise ConfigError(f"{self.out} already holds evaluation results: pass --resume to continue them, or choose another --out")
             old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if meta_path.exists() and old.get("protocol") != PROTOCOL:
+                raise ConfigError(
+                    f"cannot resume {self.out}: it holds a run of the previous concept-level protocol (SAE methods "
+                    f"{', '.join(PREVIOUS_SAE_METHODS)}, candidates from the logit lens only), which this version reads "
+                    "but does not continue; choose another --out for a run of the current protocol")
             same = ("model", "model_fingerprint", "sae_id", "sae_fingerprint", "layer", "prefixes", "feature_scores")
             diff = [k for k in same if old.get(k) != fresh[k]]
             # Units are independent per method, so a resumed run may add or drop methods.
@@ -176,18 +227,14 @@ class Evaluation:
         self.meta = fresh
         layout.write_json(meta_path, self.meta)
 
-    def unit_path(self, concept: str, method: str) -> Path:
-        return self.units / f"{slug(concept)}__{method}"
+    def unit_name(self, concept: str, method: str) -> str:
+        return f"{slug(concept)}__{method}"
 
     def done(self, concept: str, method: str) -> bool:
-        return self.unit_path(concept, method).with_suffix(".json").exists()
+        return layout.unit_done(self.out, self.unit_name(concept, method))
 
     def _save_unit(self, concept: str, method: str, info: dict, rows: pd.DataFrame | None) -> None:
-        base = self.unit_path(concept, method)
-        if rows is not None:
-            layout.write_parquet(base.with_suffix(".parquet"), rows)
-        # The JSON is written last: it is the marker that the unit is complete.
-        layout.write_json(base.with_suffix(".json"), {"concept": concept, "method": method, **info})
+        layout.save_unit(self.out, self.unit_name(concept, method), {"concept": concept, "method": method, **info}, rows)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -324,8 +371,7 @@ class Evaluation:
         tok = self.lm.tokenizer
         ids = list(token_ids)
         if feature >= 0:
-            row = int(np.flatnonzero(self.scores.features == feature)[0])
-            ids += [int(t) for t in self.scores.top_ids[row, : self.params.top_k]]
+            ids += [int(t) for t in self.bank.top_ids[self.bank.row(feature), : self.params.top_k]]
         return target_strings(tok.batch_decode([[i] for i in ids]))
 
     def _score(self, concept: str, token_ids: Sequence[int], rows: list[_Row], texts: list[str]) -> pd.DataFrame:
@@ -382,15 +428,15 @@ class Evaluation:
         if need:
             self._nll([i for i, _ in need], [t for _, t in need])
 
-    def run_group(self, items: Sequence[tuple[Selection, Sequence[str]]]) -> dict:
-        """Run the pending methods of a group of concepts ((selection, methods) each) with their rows batched
+    def run_group(self, items: Sequence[tuple[ConceptCandidates, Sequence[str]]]) -> dict:
+        """Run the pending methods of a group of concepts ((candidates, methods) each) with their rows batched
         together, phase by phase: one decode call (or a few of ``batch_size`` rows) for every train row of
         every concept, one for every test row, one perplexity pass per phase; LoRA apart (its adapter changes
-        the whole model, so each concept's LoRA rows decode alone). Rows never interact, so each concept's
+        the whole model, so each concept's adapter is trained alone). Rows never interact, so each concept's
         results are those of running it alone. Returns the group's timing record."""
         p = self.params
         t_start = time.perf_counter()
-        timing = {"concepts": [sel.concept for sel, _ in items], "gen_seconds": 0.0, "row_steps": 0, "lora_seconds": 0.0}
+        timing = {"concepts": [cc.concept for cc, _ in items], "gen_seconds": 0.0, "row_steps": 0, "lora_seconds": 0.0}
 
         def gen(rows: list[_Row], **kw) -> list[str]:
             texts, secs, steps = self._generate(rows, **kw)
@@ -400,26 +446,27 @@ class Evaluation:
 
         frames: dict[str, dict[str, list[pd.DataFrame]]] = {}
         info: dict[str, dict[str, dict]] = {}
+        plan: dict[str, dict[str, list[int]]] = {}  # concept -> SAE method -> the features it steers with
         vectors: dict[str, torch.Tensor] = {}
         feats: list[int] = []
         train_rows: list[_Row] = []
-        for sel, methods in items:
-            c = sel.concept
+        for cc, methods in items:
+            c = cc.concept
             frames[c] = {m: [] for m in methods}
-            info[c] = {m: {"status": "done", "n_candidates": len(sel.candidates), "concept_token_ids": sel.token_ids} for m in methods}
-            sae_methods = [m for m in methods if m in SAE_METHODS]
-            feats += [sel.picks[m] for m in sae_methods]  # two methods (or concepts) may pick the same feature
-            for m in sae_methods:
-                i = int(np.flatnonzero(self.scores.features == sel.picks[m])[0])
-                info[c][m].update(feature=sel.picks[m], output_score=float(self.scores.output_score[i]), input_score=float(self.scores.input_score[i]))
+            info[c] = {m: {"status": "done", **_kinds(cc)} for m in methods}
+            picks = sae_features(cc)
+            plan[c] = {m: [x.feature for x in picks[m]] for m in methods if m in SAE_METHODS}
+            for m, fs in plan[c].items():
+                feats += fs  # two methods (or concepts) may steer with the same feature: decoded once
+                info[c][m].update(_pick_info(m, picks[m]))
             if "diffmean" in methods:
                 entry = self._texts_for(c)
                 dm = diffmean(residual_mean(self.lm, self.sae.layer, entry["texts"]), self._neutral_mean())
                 info[c]["diffmean"].update(n_corpus_texts=entry["n_corpus"], n_generated_texts=entry["n_generated"], diffmean_norm=dm.raw_norm, resid_norm=dm.resid_norm)
                 vectors[c] = dm.vector(1.0)
                 train_rows += [_Row("diffmean", -1, k, "train", i, self.prefixes[i], c) for k in p.diffmean_coeffs for i in self.train]
-            # Train half: every grid method at every strength.
-            train_rows += [_Row(m, sel.picks[m], s, "train", i, self.prefixes[i], c) for m in sae_methods for s in p.strengths for i in self.train]
+            # Train half: every feature of every grid method at every strength.
+            train_rows += [_Row(m, f, s, "train", i, self.prefixes[i], c) for m, fs in plan[c].items() for f in fs for s in p.strengths for i in self.train]
         feats = list(dict.fromkeys(feats))
 
         def by_concept(rows: list[_Row], texts: list[str]) -> dict[str, tuple[list[_Row], list[str]]]:
@@ -430,36 +477,38 @@ class Evaluation:
                 ts.append(t)
             return out
 
-        best: dict[str, dict[str, float]] = {sel.concept: {} for sel, _ in items}
+        # (method, feature) -> the strength chosen on the train half; DiffMean's feature is -1
+        best: dict[str, dict[tuple[str, int], float]] = {cc.concept: {} for cc, _ in items}
         if train_rows:
             texts = gen(train_rows, feats=feats, vectors=vectors)
             self._prefetch_nll(train_rows, texts)
             trains = by_concept(train_rows, texts)
-            for sel, _ in items:
-                part = trains.get(sel.concept)
+            for cc, _ in items:
+                part = trains.get(cc.concept)
                 if part is None:
                     continue
-                frame = self._score(sel.concept, sel.token_ids, *part)
+                frame = self._score(cc.concept, cc.token_ids, *part)
                 for m in frame["method"].unique():
-                    frames[sel.concept][m].append(frame[frame["method"] == m])
-                    best[sel.concept][m] = best_strength(frame[frame["method"] == m])
+                    frames[cc.concept][m].append(frame[frame["method"] == m])
+                for (m, f), rows in frame.groupby(["method", "feature"], sort=False):
+                    best[cc.concept][(m, int(f))] = best_strength(rows)
 
-        # Test half: every method at its chosen strength.
+        # Test half: every method (every feature) at its chosen strength.
         test_rows: list[_Row] = []
-        for sel, methods in items:
-            c = sel.concept
-            test_rows += [_Row(m, sel.picks[m], best[c][m], "test", i, self.prefixes[i], c) for m in methods if m in SAE_METHODS for i in self.test]
+        for cc, methods in items:
+            c = cc.concept
+            test_rows += [_Row(m, f, best[c][(m, f)], "test", i, self.prefixes[i], c) for m, fs in plan[c].items() for f in fs for i in self.test]
             if "diffmean" in methods:
-                test_rows += [_Row("diffmean", -1, best[c]["diffmean"], "test", i, self.prefixes[i], c) for i in self.test]
+                test_rows += [_Row("diffmean", -1, best[c][("diffmean", -1)], "test", i, self.prefixes[i], c) for i in self.test]
             if "prompt" in methods:
                 test_rows += [_Row("prompt", -1, 0.0, "test", i, PROMPT_TEMPLATE.format(concept=c, prefix=self.prefixes[i]), c) for i in self.test]
         # LoRA: each concept's adapter is trained alone; its rows then decode in the same call as the other test
         # rows, with the adapter applied to those rows only.
         loras: dict[str, LoraReport] = {}
-        for sel, methods in items:
+        for cc, methods in items:
             if "lora" not in methods:
                 continue
-            c = sel.concept
+            c = cc.concept
             entry = self._texts_for(c)
             t0 = time.perf_counter()
             with lora_adapter(self.lm, self.sae.layer, entry["texts"], p.lora, seed=p.seed) as report:
@@ -472,34 +521,36 @@ class Evaluation:
         self._prefetch_nll(test_rows, test_texts)
         tests = by_concept(test_rows, test_texts)
 
-        for sel, methods in items:
-            c = sel.concept
-            test_frames = [self._score(c, sel.token_ids, *tests[c])] if c in tests else []
+        for cc, methods in items:
+            c = cc.concept
+            test_frames = [self._score(c, cc.token_ids, *tests[c])] if c in tests else []
             if base is not None and "unsteered" in methods:
                 for split, idx in (("train", self.train), ("test", self.test)):
                     rows = [_Row("unsteered", -1, 0.0, split, i, self.prefixes[i], c) for i in idx]
-                    (test_frames if split == "test" else frames[c]["unsteered"]).append(self._score(c, sel.token_ids, rows, [base[i] for i in idx]))
+                    (test_frames if split == "test" else frames[c]["unsteered"]).append(self._score(c, cc.token_ids, rows, [base[i] for i in idx]))
             test = self._judge(pd.concat(test_frames, ignore_index=True)) if test_frames else pd.DataFrame()
             for m in methods:
                 part = test[test["method"] == m] if not test.empty else test
                 rows_m = pd.concat([*frames[c][m], part], ignore_index=True)
-                if m in best[c]:
-                    info[c][m]["best_strength"] = best[c][m]
+                if m == "sae_filtered":
+                    info[c][m]["best_strengths"] = [best[c][(m, f)] for f in plan[c][m]]
+                elif m in plan[c] or m == "diffmean":
+                    info[c][m]["best_strength"] = best[c][(m, plan[c][m][0] if m in plan[c] else -1)]
                 elif not part.empty:
                     info[c][m]["best_strength"] = float(part["strength"].iloc[0])
                 self._save_unit(c, m, info[c][m], rows_m)
         timing["concept"] = ", ".join(timing["concepts"])
         timing["seconds"] = time.perf_counter() - t_start
-        with open(self.out / "timings.jsonl", "a") as fh:
-            fh.write(json.dumps(timing) + "\n")
+        layout.append_timing(self.out, timing)
         return timing
 
     # -- all concepts ---------------------------------------------------------------------------
 
-    def _run_logged(self, group: Sequence[tuple[Selection, Sequence[str]]]) -> None:
+    def _run_logged(self, group: Sequence[tuple[ConceptCandidates, Sequence[str]]]) -> None:
         t = self.run_group(group)
         rate = t["row_steps"] / t["gen_seconds"] if t["gen_seconds"] else float("nan")
-        what = "; ".join(f"{sel.concept} ({len(sel.candidates)} candidates): {', '.join(m)}" for sel, m in group)
+        what = "; ".join(f"{cc.concept} ({len(cc.input_side)} input-side, {len(cc.output_side)} output-side, "
+                         f"{len(cc.filtered)} filtered): {', '.join(m)}" for cc, m in group)
         self.log(f"{what} done in {t['seconds']:.0f}s ({rate:.0f} decoded tokens/s)")
 
     def run(self, concepts: Sequence[str], n_concepts: int | None = None) -> None:
@@ -509,32 +560,37 @@ class Evaluation:
         self.meta["run"] = {"concepts": list(concepts), "n_concepts": n_concepts, "methods": methods}
         self.meta.pop("finished", None)
         layout.write_json(self.out / "meta.json", self.meta)
+        if not self.bank.peak_ids.shape[1]:
+            self.log("the feature data has no top contexts: no concept can have input-side candidates")
         self._unsteered()
         if {"diffmean", "lora"} & set(methods):
             self._concept_texts(concepts)  # one corpus pass for every concept
+        cparams = self.params.candidate_params()
         evaluated = 0
-        group: list[tuple[Selection, list[str]]] = []
+        group: list[tuple[ConceptCandidates, list[str]]] = []
         for concept in concepts:
             if n_concepts is not None and evaluated >= n_concepts:
                 break
             ids = concept_token_ids(self.lm.tokenizer, concept)
-            sel = select_features(concept, ids, self.scores, self.params.top_k, self.params.seed)
-            if not sel.candidates:
-                reason = sel.skipped["sae_output"] if ids else "the concept is not a single token of this tokenizer"
+            cc = concept_candidates(concept, ids, self.bank, cparams)
+            if not cc.union:
+                reason = ("no candidate feature: none fires on the concept and none has it among its top-"
+                          f"{cparams.top_k} logit-lens tokens") if ids else "the concept is not a single token of this tokenizer"
                 for m in methods:
                     if not self.done(concept, m):
-                        self._save_unit(concept, m, {"status": "skipped", "reason": reason, "n_candidates": 0, "concept_token_ids": ids}, None)
+                        self._save_unit(concept, m, {"status": "skipped", "reason": reason, **_kinds(cc)}, None)
                 self.log(f"{concept}: skipped ({reason})")
                 continue
             evaluated += 1
-            for m, reason in sel.skipped.items():
-                if m in methods and not self.done(concept, m):
-                    self._save_unit(concept, m, {"status": "skipped", "reason": reason, "n_candidates": len(sel.candidates), "concept_token_ids": ids}, None)
+            picks = sae_features(cc)
+            for m in methods:
+                if m in SAE_METHODS and m not in picks and not self.done(concept, m):
+                    self._save_unit(concept, m, {"status": "skipped", "reason": skip_reason(cc, m), **_kinds(cc)}, None)
             pending = [m for m in methods if not self.done(concept, m)]
             if not pending:
                 self.log(f"{concept}: already done")
                 continue
-            group.append((sel, pending))
+            group.append((cc, pending))
             if len(group) == self.params.concepts_per_batch:
                 self._run_logged(group)
                 group = []
@@ -547,7 +603,7 @@ class Evaluation:
 def run_evaluation(
     lm: LoadedModel,
     sae: LoadedSae,
-    scores: FeatureScores,
+    bank: FeatureBank,
     concepts: Sequence[str],
     out: str | Path,
     params: EvalParams = EvalParams(),
@@ -559,11 +615,12 @@ def run_evaluation(
     log: Log | None = None,
 ) -> EvalResults:
     """Run (or resume) the evaluation, write the tables and plots under ``out``, and return the results.
+    ``bank`` holds the SAE's feature scores, logit lens and top contexts (:meth:`FeatureBank.from_feature_data`).
 
     ``docs`` is the corpus concept sentences are mined from (default: the bundled train split); ``judge`` an
     optional ``judge.Judge`` applied to the reported (test-half) generations.
     """
-    ev = Evaluation(lm, sae, scores, prefixes if prefixes is not None else default_prefixes(), out, params, resume, docs, judge, log)
+    ev = Evaluation(lm, sae, bank, prefixes if prefixes is not None else default_prefixes(), out, params, resume, docs, judge, log)
     ev.run(concepts, n_concepts)
     results = load_results(out)
     write_report(results, out)

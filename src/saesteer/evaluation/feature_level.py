@@ -21,7 +21,8 @@ Protocol (Arad, Mueller & Belinkov 2025, ``src/steer.py`` and ``src/plot.py`` of
    for every text at the chosen amp.
 
 Rows of many features are decoded together (``batch_size`` rows a call, finished rows leaving the batch);
-results are written per unit of ``features_per_unit`` features, so an interrupted run resumes. Read a run
+results are written per unit of ``features_per_unit`` features, so an interrupted run resumes (with the
+features no finished unit holds, whatever the unit size was). Read a run
 with :func:`load_feature_run`; :func:`feature_summary` gives the paper's statistics.
 """
 
@@ -41,7 +42,7 @@ import pandas as pd
 import torch
 
 from .. import paths
-from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError
+from ..config import MAX_ABS_STRENGTH, PAPER_STRENGTHS, ConfigError, check_whole
 from ..models import LoadedModel
 from ..saes import LoadedSae
 from . import layout
@@ -93,7 +94,8 @@ class FeatureLevelParams:
     batch_size: int = 384
     """Most rows per decode call (results do not depend on it; out of memory it is halved)."""
     features_per_unit: int = 4
-    """Features per saved unit (the unit of resumption; results do not depend on it)."""
+    """Features per saved unit (results do not depend on it; a resume skips the finished features, whatever the
+    size of the units they were saved in)."""
 
     def __post_init__(self) -> None:
         if not self.amps or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a <= MAX_ABS_STRENGTH for a in self.amps):
@@ -101,9 +103,7 @@ class FeatureLevelParams:
         if len(set(self.amps)) != len(self.amps):
             raise ConfigError(f"amps must not repeat, got {self.amps!r}")
         for name in ("n_features", "n_prefixes", "max_new_tokens", "batch_size", "features_per_unit", "rep_n"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+            check_whole(name, getattr(self, name))
         if self.n_prefixes > 50:
             raise ConfigError(f"n_prefixes must be at most 50 (the paper's prefixes), got {self.n_prefixes}")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
@@ -189,7 +189,7 @@ class FeatureLevelRun:
         self.out = Path(out)
         self.log = log or (lambda _m: None)
         self.features = sample_features(sae.width, params)
-        missing = [f for f in self.features if f not in bank._rows]
+        missing = [f for f in self.features if not bank.has(f)]
         if missing:
             raise ConfigError(f"the feature data lacks feature(s) {missing[:5]}: compute scores for the whole SAE first")
         self.stop_ids = _stop_ids(lm, params.stop)
@@ -246,17 +246,19 @@ class FeatureLevelRun:
         """One sampled unsteered continuation per prefix, with its perplexity (generated once per run)."""
         path = self.out / "units" / "_unsteered.parquet"
         if path.exists():
-            return pd.read_parquet(path)
-        rows = [_Row(-1, 0.0, i) for i in range(len(self.prefixes))]
-        texts = self._texts(rows, self.generate(rows, []))
-        nll, count = continuation_nll(self.lm, self.prefixes, texts)
-        frame = pd.DataFrame({"prefix_idx": range(len(rows)), "text": texts, "n_tokens": count,
-                              "ppl": [math.exp(v) if c else math.nan for v, c in zip(nll, count)]})
-        frame["token_ids"] = [retokenize(self.lm.tokenizer, t) for t in texts]
-        layout.write_parquet(path, frame)
-        ppl = frame["ppl"].dropna()
-        self.meta["ppl_ref"] = float(ppl.median()) if len(ppl) else math.nan
-        layout.write_meta(self.out, self.meta)
+            frame = pd.read_parquet(path)
+        else:
+            rows = [_Row(-1, 0.0, i) for i in range(len(self.prefixes))]
+            texts = self._texts(rows, self.generate(rows, []))
+            nll, count = continuation_nll(self.lm, self.prefixes, texts)
+            frame = pd.DataFrame({"prefix_idx": range(len(rows)), "text": texts, "n_tokens": count,
+                                  "ppl": [math.exp(v) if c else math.nan for v, c in zip(nll, count)]})
+            frame["token_ids"] = [retokenize(self.lm.tokenizer, t) for t in texts]
+            layout.write_parquet(path, frame)
+        if "ppl_ref" not in self.meta:  # also when a run stopped between the parquet and meta.json
+            ppl = frame["ppl"].dropna()
+            self.meta["ppl_ref"] = float(ppl.median()) if len(ppl) else math.nan
+            layout.write_meta(self.out, self.meta)
         return frame
 
     # -- one unit ---------------------------------------------------------------------------------
@@ -316,14 +318,16 @@ class FeatureLevelRun:
         self.meta.pop("finished", None)
         layout.write_meta(self.out, self.meta)
         self.unsteered()
-        units = [self.features[i: i + self.params.features_per_unit] for i in range(0, len(self.features), self.params.features_per_unit)]
-        done = sum(len(u) for u in units if layout.unit_done(self.out, self.unit_name(u)))
+        # Resume per feature, not per unit: the units of an earlier run may have had another size.
+        finished = finished_features(self.out)
+        todo = [f for f in self.features if f not in finished]
+        step = self.params.features_per_unit
+        units = [todo[i: i + step] for i in range(0, len(todo), step)]
+        done = len(self.features) - len(todo)
         if progress:
             progress(done, len(self.features))
         for u in units:
             name = self.unit_name(u)
-            if layout.unit_done(self.out, name):
-                continue
             frame = self.run_unit(u)
             layout.save_unit(self.out, name, {"features": list(map(int, u))}, frame)
             layout.append_timing(self.out, self._timing)
@@ -335,6 +339,11 @@ class FeatureLevelRun:
                 progress(done, len(self.features))
         self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         layout.write_meta(self.out, self.meta)
+
+
+def finished_features(out: str | Path) -> set[int]:
+    """The features of the finished units of the run in ``out``."""
+    return {int(f) for rec in layout.unit_records(out) for f in rec.get("features", ())}
 
 
 def _stop_ids(lm: LoadedModel, stop: str) -> list[int]:
@@ -426,6 +435,8 @@ def load_feature_run(out: str | Path, bank: FeatureBank | None = None) -> Featur
         raise ConfigError(f"{out} holds no feature-level run (its meta.json is of experiment {meta.get('experiment')!r})")
     units, frames = layout.read_units(out)
     gens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(gens):  # a feature run twice (units of runs before resumption went per feature) counts once: its first unit
+        gens = gens.drop_duplicates(["feature", "amp", "prefix_idx"], keep="first", ignore_index=True)
     unsteered = layout.read_parquet_if(out / "units" / "_unsteered.parquet", out / "unsteered.parquet")
     scores = None
     top = None

@@ -7,7 +7,8 @@ report tables. A *packed* run (shipped under ``assets/eval/results/``) keeps the
 ``units.parquet`` and the generations in one ``generations.parquet``.
 
 Default places: runs are written to ``$SAESTEER_CACHE/eval/<model>/<sae id>/`` (concept level) and
-``.../<sae id>/features/`` (feature level); shipped results are read from :data:`RESULTS_DIR`.
+``.../<sae id>/features/`` (feature level); shipped results are read from ``paths.EVAL_RESULTS``
+(``assets/eval/results/``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from .. import paths
 from ..config import ConfigError
 from ..paths import EVAL_ASSETS, eval_cache
 
-ASSETS_EVAL = EVAL_ASSETS
-#: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/`` (concept level) and
-#: ``<model>/<sae id>/features/`` (feature level).
-RESULTS_DIR = paths.EVAL_RESULTS
 #: The paper's 50 neutral prefixes of the feature-level experiment.
 PAPER_PREFIXES = EVAL_ASSETS / "paper_prefixes.txt"
 #: A packed run (:func:`saesteer.evaluation.results.pack_results`) keeps its unit records in one file instead of ``units/``.
@@ -45,11 +42,11 @@ def read_list(path: str | Path) -> list[str]:
 
 
 def default_concepts() -> list[str]:
-    return read_list(ASSETS_EVAL / "concepts.txt")
+    return read_list(EVAL_ASSETS / "concepts.txt")
 
 
 def default_prefixes() -> list[str]:
-    return read_list(ASSETS_EVAL / "prefixes.txt")
+    return read_list(EVAL_ASSETS / "prefixes.txt")
 
 
 def slug(concept: str) -> str:
@@ -160,6 +157,11 @@ def save_unit(out: str | Path, name: str, info: dict, rows: pd.DataFrame | None)
     if rows is not None:
         write_parquet(base.with_suffix(".parquet"), rows)
     write_json(base.with_suffix(".json"), info)
+
+
+def unit_records(out: str | Path) -> list[dict]:
+    """The records of a run folder's finished units (their JSON markers), without their rows."""
+    return [json.loads(j.read_text()) for j in sorted((Path(out) / "units").glob("*.json"))]
 
 
 def read_units(out: str | Path) -> tuple[list[dict], list[pd.DataFrame]]:

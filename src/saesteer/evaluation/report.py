@@ -3,20 +3,64 @@
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import layout
-from .params import METHODS, SAE_METHODS
-from .results import EvalResults, method_table, strength_curves
-
+from .params import KNOWN_METHODS, KNOWN_SAE_METHODS
+from .results import EvalResults, Ratio, method_table, strength_curves
 
 _COLORS = {
-    "sae_output": "#d62728", "sae_input": "#1f77b4", "sae_random": "#7f7f7f", "diffmean": "#2ca02c",
-    "lora": "#9467bd", "prompt": "#ff7f0e", "unsteered": "#000000",
+    "sae_activation": "#1f77b4", "sae_output": "#d62728", "sae_filtered": "#8c564b", "sae_input": "#17becf",
+    "sae_random": "#7f7f7f", "diffmean": "#2ca02c", "lora": "#9467bd", "prompt": "#ff7f0e", "unsteered": "#000000",
 }
+#: The headline calls a ratio established when its 95% interval (ratio ± 1.96 standard errors) excludes 1.
+Z95 = 1.96
+RATIO_NAMES = {"sae_filtered": "output-filtered features", "sae_output": "the output-score pick"}
+
+
+def ratio_sentence(r: Ratio) -> str:
+    """One plain-text sentence on one of the paper's ratios (numbers only, from the data)."""
+    what = RATIO_NAMES.get(r.method, r.method)
+    if r.n == 0:
+        return f"No concept has results for both {what} and the activation pick, so their ratio cannot be computed."
+    if not math.isfinite(r.ratio):
+        if r.ratio == math.inf:
+            return (f"On {r.n} concept(s) the activation pick never scored (mean combined 0) and {what} scored {r.mean:.3f}: "
+                    f"{what} did better here, but the ratio and its standard error are undefined.")
+        return f"On {r.n} concept(s) neither {what} nor the activation pick ever scored (mean combined 0): no ratio, no verdict."
+    se = f" ± {r.se:.2f}" if math.isfinite(r.se) else " (no standard error with one concept)"
+    head = (f"Mean combined score of {what} ÷ that of the activation pick: {r.ratio:.2f}{se} "
+            f"({r.mean:.3f} vs {r.mean_baseline:.3f}, {r.n} concept{'s' if r.n != 1 else ''}).")
+    if not math.isfinite(r.se):
+        verdict = "Too few concepts to say whether the difference is real."
+    elif r.ratio - Z95 * r.se > 1:
+        verdict = f"{what[0].upper() + what[1:]} steer better than activation picks on this run (95% interval above 1)."
+    elif r.ratio + Z95 * r.se < 1:
+        verdict = f"{what[0].upper() + what[1:]} steer worse than activation picks on this run (95% interval below 1)."
+    else:
+        verdict = "Not established on this run: the 95% interval of the ratio includes 1."
+    return f"{head} {verdict}"
+
+
+def concept_headline(results: EvalResults) -> str:
+    """Whether "output-filtered features steer better than activation picks" holds on this run, and the
+    output-score pick's ratio beside it; plain text computed from the data (the paper reports 2-3x)."""
+    ratios = results.ratios()
+    counts = results.candidate_counts()
+    parts = [ratio_sentence(ratios["sae_filtered"]), ratio_sentence(ratios["sae_output"])]
+    if counts:
+        parts.append(candidate_sentence(counts))
+    return " ".join(parts)
+
+
+def candidate_sentence(counts: dict[str, int]) -> str:
+    return (f"Of {counts['concepts']} concepts, {counts['input_side']} have input-side candidates, {counts['output_side']} "
+            f"output-side ones, {counts['both']} both, {counts['filtered']} an input-side candidate with output score >= tau, "
+            f"and {counts['none']} none.")
 
 
 def fig_methods(table: pd.DataFrame):
@@ -65,7 +109,7 @@ def fig_concepts(summary: pd.DataFrame, metric: str = "combined"):
     if summary.empty:
         return go.Figure()
     pivot = summary.pivot_table(index="concept", columns="method", values=metric)
-    pivot = pivot[[m for m in METHODS if m in pivot.columns]]
+    pivot = pivot[[m for m in KNOWN_METHODS if m in pivot.columns]]
     fig = go.Figure(go.Heatmap(z=pivot.to_numpy(), x=list(pivot.columns), y=[escape(c, whitespace=True) for c in pivot.index], zmin=0, zmax=1,
                                colorscale="Viridis", hovertemplate="%{y} · %{x}: %{z:.2f}<extra></extra>"))
     fig.update_layout(height=max(300, 18 * len(pivot) + 80), margin=dict(l=100, r=20, t=30, b=40), title=f"{metric} per concept")
@@ -80,7 +124,7 @@ def fig_compare(table: pd.DataFrame, metric: str = "combined"):
 
     fig = go.Figure()
     for run, part in table.groupby("run", sort=False):
-        part = part.set_index("method").reindex([m for m in METHODS if m in set(part["method"])])
+        part = part.set_index("method").reindex([m for m in KNOWN_METHODS if m in set(part["method"])])
         sem = part.get(f"{metric}_sem", pd.Series(np.nan, index=part.index)).fillna(0)
         fig.add_trace(go.Bar(x=list(part.index), y=part[metric], name=escape(run, whitespace=True), error_y=dict(type="data", array=sem)))
     fig.update_layout(barmode="group", height=380, yaxis=dict(title=f"{metric} (test half, mean over concepts)", rangemode="tozero"),
@@ -93,7 +137,7 @@ def figures(results: EvalResults) -> dict:
     gens = results.generations
     return {
         "methods": fig_methods(results.methods()),
-        "strength_sae": fig_strength_curves(strength_curves(gens, SAE_METHODS)),
+        "strength_sae": fig_strength_curves(strength_curves(gens, KNOWN_SAE_METHODS)),
         "strength_diffmean": fig_strength_curves(strength_curves(gens, ("diffmean",))),
         "concepts": fig_concepts(results.summary()),
     }
@@ -109,6 +153,8 @@ def write_report(results: EvalResults, out: str | Path) -> None:
     summary.to_csv(out / "summary.csv", index=False)
     table.to_csv(out / "methods.csv", index=False)
     results.units.to_csv(out / "units.csv", index=False)
+    if not results.previous_protocol:
+        pd.DataFrame([vars(r) for r in results.ratios().values()]).to_csv(out / "ratios.csv", index=False)
     figs = figures(results)
     (out / "figures").mkdir(exist_ok=True)
     parts = []
@@ -117,6 +163,8 @@ def write_report(results: EvalResults, out: str | Path) -> None:
         # plotly.js is inlined once so that the report opens offline.
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     head = f"<h1>Steering evaluation: {html.escape(str(results.meta.get('sae_id')))} ({html.escape(str(results.meta.get('model')))})</h1>"
+    if not results.previous_protocol:
+        head += f"<p>{html.escape(concept_headline(results))}</p>"
     (out / "report.html").write_text("<html><head><meta charset='utf-8'></head><body>" + head + table.to_html(index=False, float_format="%.3f") + "".join(parts) + "</body></html>")
 
 

@@ -1,4 +1,5 @@
-"""Reading concept-level runs back: results, progress, per-concept and per-method tables, packing."""
+"""Reading concept-level runs back: results, progress, per-concept and per-method tables, the paper's ratio,
+candidate counts, packing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..config import ConfigError
 from . import layout
 from .layout import PACKED_UNITS
 from .metrics import METRICS
-from .params import METHODS, SAE_METHODS
+from .params import KNOWN_METHODS, KNOWN_SAE_METHODS, METHODS, PREVIOUS_METHODS, PROTOCOL
 
 
 @dataclass
@@ -33,34 +34,30 @@ class EvalResults:
             out = out.merge(self.units[["concept", "method", "n_candidates"]], on=["concept", "method"], how="left")
         return out
 
-    def methods(self, min_candidates: int = 1) -> pd.DataFrame:
-        return method_table(self.summary(), min_candidates)
+    def methods(self, min_candidates: int = 1, common: bool = True) -> pd.DataFrame:
+        return method_table(self.summary(), min_candidates, common)
+
+    @property
+    def previous_protocol(self) -> bool:
+        """A run of the previous protocol (logit-lens candidates; methods sae_output, sae_input, sae_random)."""
+        return self.meta.get("protocol") != PROTOCOL
+
+    def ratios(self, metric: str = "combined") -> dict[str, Ratio]:
+        """The paper's ratios: ``sae_filtered`` and ``sae_output`` over ``sae_activation`` (see :func:`paired_ratio`)."""
+        summary = self.summary()
+        return {m: paired_ratio(summary, m, "sae_activation", metric) for m in ("sae_filtered", "sae_output")}
+
+    def candidate_counts(self) -> dict[str, int]:
+        return candidate_counts(self.units)
 
 
 def load_results(out: str | Path) -> EvalResults:
     """Read an evaluation directory written by :func:`run_evaluation` (also while it is still running)."""
-    out = Path(out)
-    meta_path = out / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{out} holds no evaluation (no meta.json): run `python -m saesteer eval` first")
-    meta = json.loads(meta_path.read_text())
-    if not (out / "units").is_dir() and (out / PACKED_UNITS).is_file():
-        units = pd.read_parquet(out / PACKED_UNITS)
-        gens = pd.read_parquet(out / "generations.parquet")
-        tpath = out / "timings.jsonl"
-        timings = pd.read_json(tpath, lines=True) if tpath.exists() and tpath.stat().st_size else pd.DataFrame()
-        return EvalResults(gens, units, meta, timings)
-    unit_rows, frames = [], []
-    for j in sorted((out / "units").glob("*.json")):
-        unit_rows.append(json.loads(j.read_text()))
-        pq = j.with_suffix(".parquet")
-        if pq.exists():
-            frames.append(pd.read_parquet(pq))
+    meta = layout.read_meta(out)
+    recs, frames = layout.read_units(out)
     gens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["concept", "method", "feature", "strength", "split", "prefix_idx", "text", *METRICS])
-    units = pd.DataFrame(unit_rows) if unit_rows else pd.DataFrame(columns=["concept", "method", "status", "reason"])
-    tpath = out / "timings.jsonl"
-    timings = pd.read_json(tpath, lines=True) if tpath.exists() and tpath.stat().st_size else pd.DataFrame()
-    return EvalResults(gens, units, meta, timings)
+    units = pd.DataFrame(recs) if recs else pd.DataFrame(columns=["concept", "method", "status", "reason"])
+    return EvalResults(gens, units, meta, layout.read_timings(out))
 
 
 def pack_results(src: str | Path, dest: str | Path) -> Path:
@@ -111,7 +108,8 @@ def run_progress(results: EvalResults, out: str | Path) -> RunProgress:
     runs written before that, the report files (written after the last concept) mark a finished run."""
     meta = results.meta
     goal = meta.get("run") or {}
-    methods = tuple(goal.get("methods") or (meta.get("params") or {}).get("methods") or METHODS)
+    fallback = METHODS if meta.get("protocol") == PROTOCOL else PREVIOUS_METHODS
+    methods = tuple(goal.get("methods") or (meta.get("params") or {}).get("methods") or fallback)
     n_done = n_partial = n_skipped = 0
     units = results.units
     if len(units):
@@ -128,36 +126,113 @@ def run_progress(results: EvalResults, out: str | Path) -> RunProgress:
 
 
 def summarize(generations: pd.DataFrame) -> pd.DataFrame:
-    """Per (concept, method): means over the test-half generations at the chosen strength (ppl: median)."""
-    test = generations[generations["split"] == "test"]
+    """Per (concept, method): means over the test-half generations at the chosen strength (ppl: median). A
+    method that steers with several features (``sae_filtered``) is first summarised per feature, then averaged
+    over its features (each feature has the same test prefixes, so this is also the mean over its rows); its
+    ``feature`` is then -1 and ``strength`` NaN, and ``n_features`` says how many."""
+    per = feature_results(generations)
+    if per.empty:
+        return pd.DataFrame(columns=["concept", "method", "feature", "strength", "n", "n_features", *METRICS])
+    metrics = [m for m in (*METRICS, "judge_score") if m in per.columns]
+    g = per.groupby(["concept", "method"], sort=False)
+    out = g[metrics].mean()
+    out.insert(0, "n_features", g.size())
+    out.insert(0, "n", g["n"].sum())
+    single = out["n_features"] == 1
+    out.insert(0, "strength", g["strength"].first().where(single))
+    out.insert(0, "feature", g["feature"].first().where(single, -1).astype(int))
+    return out.reset_index()
+
+
+def feature_results(generations: pd.DataFrame) -> pd.DataFrame:
+    """Per (concept, method, feature): means over the test-half generations at the feature's chosen strength
+    (ppl: median). The per-feature rows of ``sae_filtered``; one row per (concept, method) elsewhere."""
+    test = generations[generations["split"] == "test"] if len(generations) else generations
     if test.empty:
         return pd.DataFrame(columns=["concept", "method", "feature", "strength", "n", *METRICS])
     metrics = [m for m in (*METRICS, "judge_score") if m in test.columns]
     agg = {m: ("median" if m == "ppl" else "mean") for m in metrics}
-    g = test.groupby(["concept", "method"], sort=False)
+    g = test.groupby(["concept", "method", "feature"], sort=False)
     out = g.agg(agg)
     out.insert(0, "n", g.size())
     out.insert(0, "strength", g["strength"].first())
-    out.insert(0, "feature", g["feature"].first())
     return out.reset_index()
 
 
-def method_table(summary: pd.DataFrame, min_candidates: int = 1) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Ratio:
+    """The paper's ratio of one method's mean score to another's over the concepts that have both."""
+
+    method: str
+    baseline: str
+    n: int
+    """Concepts with a result for both methods."""
+    mean: float
+    """Mean of ``method``'s score over those concepts."""
+    mean_baseline: float
+    ratio: float
+    """mean / mean_baseline (inf when only the baseline is 0, NaN when both are)."""
+    se: float
+    """Standard error of the ratio, paired over concepts (delta method; NaN below 2 concepts or at a zero baseline)."""
+
+
+def paired_ratio(summary: pd.DataFrame, method: str, baseline: str, metric: str = "combined") -> Ratio:
+    """Ratio of means R = mean(y) / mean(x) over the concepts with both ``method`` (y) and ``baseline`` (x),
+    and its standard error by the delta method for paired samples:
+    SE(R) = sqrt(sum_i (y_i - R x_i)^2 / (n (n - 1))) / mean(x), which is
+    R · sqrt((s_y^2 / ybar^2 + s_x^2 / xbar^2 - 2 s_xy / (xbar ybar)) / n) with sample (co)variances."""
+    nan = math.nan
+    if summary.empty or metric not in summary.columns:
+        return Ratio(method, baseline, 0, nan, nan, nan, nan)
+    pivot = summary[summary["method"].isin([method, baseline])].pivot_table(index="concept", columns="method", values=metric, aggfunc="first")
+    if method not in pivot.columns or baseline not in pivot.columns:
+        return Ratio(method, baseline, 0, nan, nan, nan, nan)
+    both = pivot[[method, baseline]].dropna()
+    y, x = both[method].to_numpy(float), both[baseline].to_numpy(float)
+    n = len(both)
+    if n == 0:
+        return Ratio(method, baseline, 0, nan, nan, nan, nan)
+    ybar, xbar = float(y.mean()), float(x.mean())
+    if xbar == 0:
+        return Ratio(method, baseline, n, ybar, xbar, math.inf if ybar > 0 else nan, nan)
+    r = ybar / xbar
+    se = math.sqrt(float(((y - r * x) ** 2).sum()) / (n * (n - 1))) / xbar if n > 1 else nan
+    return Ratio(method, baseline, n, ybar, xbar, r, se)
+
+
+CANDIDATE_KINDS = ("input_side", "output_side", "both", "filtered", "none")
+
+
+def candidate_counts(units: pd.DataFrame) -> dict[str, int]:
+    """How many of a run's concepts have each kind of candidate: ``input_side`` (at least one feature fires on
+    the concept), ``output_side`` (at least one promotes it), ``both`` (at least one of each), ``filtered`` (an
+    input-side candidate with output score >= tau) and ``none``; plus ``concepts``, all concepts considered.
+    Empty for runs that did not record candidate kinds (the previous protocol)."""
+    if units.empty or "n_input_side" not in units.columns:
+        return {}
+    per = units.drop_duplicates("concept").set_index("concept")
+    n_in, n_out = per["n_input_side"].fillna(0), per["n_output_side"].fillna(0)
+    return {"concepts": len(per), "input_side": int((n_in > 0).sum()), "output_side": int((n_out > 0).sum()),
+            "both": int(((n_in > 0) & (n_out > 0)).sum()), "filtered": int((per["n_filtered"].fillna(0) > 0).sum()),
+            "none": int(((n_in == 0) & (n_out == 0)).sum())}
+
+
+def method_table(summary: pd.DataFrame, min_candidates: int = 1, common: bool = True) -> pd.DataFrame:
     """Per method: mean and standard error over concepts of each metric, on the concepts that every listed
-    method completed (so all methods are compared on the same concepts). ``min_candidates`` > 1 keeps only
-    concepts with at least that many candidate features: with one candidate, all SAE methods steer with
-    the same feature."""
+    method completed (so all methods are compared on the same concepts), or, ``common=False``, on the concepts
+    each method completed (``n_concepts`` then differs). ``min_candidates`` > 1 keeps only concepts with at
+    least that many candidate features: with one candidate, all SAE methods steer with the same feature."""
     if "n_candidates" in summary.columns and min_candidates > 1:
         keep = summary.groupby("concept")["n_candidates"].max()
         summary = summary[summary["concept"].isin(keep[keep >= min_candidates].index)]
     if summary.empty:
         return pd.DataFrame(columns=["method", "n_concepts"])
-    methods = [m for m in METHODS if m in set(summary["method"])]
+    methods = [m for m in KNOWN_METHODS if m in set(summary["method"])]
     per = summary.groupby("concept")["method"].apply(set)
-    common = [c for c, ms in per.items() if set(methods) <= ms]
+    shared = [c for c, ms in per.items() if set(methods) <= ms] if common else list(per.index)
     rows = []
     for m in methods:
-        part = summary[(summary["method"] == m) & summary["concept"].isin(common)]
+        part = summary[(summary["method"] == m) & summary["concept"].isin(shared)]
         row = {"method": m, "n_concepts": len(part)}
         for metric in [x for x in (*METRICS, "judge_score") if x in part.columns]:
             vals = part[metric].astype(float)
@@ -167,7 +242,7 @@ def method_table(summary: pd.DataFrame, min_candidates: int = 1) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def strength_curves(generations: pd.DataFrame, methods: Sequence[str] = SAE_METHODS) -> pd.DataFrame:
+def strength_curves(generations: pd.DataFrame, methods: Sequence[str] = KNOWN_SAE_METHODS) -> pd.DataFrame:
     """Train-half means per (method, strength) over all concepts: the curves strengths are chosen from."""
     train = generations[(generations["split"] == "train") & generations["method"].isin(methods)]
     if train.empty:

@@ -12,24 +12,34 @@ import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..config import EMBEDDED_MODEL
-from ..evaluation import METHODS, SAE_METHODS, EvalParams, EvalResults
+from ..config import EMBEDDED_MODEL, ConfigError
+from ..evaluation import KNOWN_METHODS, PREVIOUS_SAE_METHODS, EvalParams, EvalResults
 
 METHOD_LABELS = {
-    "sae_output": "SAE feature · output score",
-    "sae_input": "SAE feature · input score",
+    "sae_activation": "SAE feature · activation pick",
+    "sae_output": "SAE feature · output-score pick",
+    "sae_filtered": "SAE features · output-filtered (mean)",
     "sae_random": "SAE feature · random candidate",
     "diffmean": "DiffMean",
     "lora": "LoRA",
     "prompt": "prompting",
     "unsteered": "unsteered",
 }
+#: Labels of the previous protocol's SAE methods (candidates from the logit lens only).
+PREVIOUS_LABELS = {
+    "sae_output": "SAE feature · output score",
+    "sae_input": "SAE feature · input score",
+    "sae_random": "SAE feature · random candidate",
+}
 PICK_PREFIX = {"sae_output": "output pick", "sae_input": "input pick", "sae_random": "random pick"}
+#: The per-concept candidate table of this protocol: unit method -> column prefix.
+NEW_PICKS = {"sae_activation": "activation pick", "sae_output": "output pick", "sae_random": "random pick"}
 TABLE_COLUMNS = ("concept_score", "success_k", "fluency", "ppl", "repetition", "combined", "judge_score")
 #: Fluency gap within which two methods count as "comparable" in the headline's verdict.
 FLUENCY_SLACK = 0.1
@@ -47,11 +57,12 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+def label(method: str, previous: bool = False) -> str:
+    """The readable name of ``method`` (``previous``: as the previous protocol named it)."""
+    return (PREVIOUS_LABELS if previous else METHOD_LABELS).get(method, METHOD_LABELS.get(method, method))
 
 
-def method_display(table: pd.DataFrame) -> pd.DataFrame:
+def method_display(table: pd.DataFrame, previous: bool = False) -> pd.DataFrame:
     """The method table for display: readable method names first, the key metrics with their standard errors."""
     if table.empty:
         return pd.DataFrame(columns=["method", "n_concepts"])
@@ -62,7 +73,7 @@ def method_display(table: pd.DataFrame) -> pd.DataFrame:
             if metric in ("concept_score", "fluency", "combined") and f"{metric}_sem" in table.columns:
                 cols.append(f"{metric}_sem")
     out = table[cols].copy()
-    out.insert(0, "method", [label(m) for m in table["method"]])
+    out.insert(0, "method", [label(m, previous) for m in table["method"]])
     return out.reset_index(drop=True)
 
 
@@ -74,8 +85,9 @@ def _num(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else "n/a"
 
 
-def headline(table: pd.DataFrame) -> str:
-    """One short paragraph (Markdown, numbers only) comparing output- with input-score selection, from the data."""
+def previous_headline(table: pd.DataFrame) -> str:
+    """For a run of the previous protocol: one short paragraph (Markdown, numbers only) comparing output- with
+    input-score selection among logit-lens candidates, from the data."""
     if table.empty or not {"sae_output", "sae_input"} <= set(table["method"]):
         return "This run has no output-score and input-score selection to compare (see the table for the methods it has)."
     t = table.set_index("method")
@@ -113,14 +125,79 @@ def headline(table: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
+def _pick_cells(prefix: str, unit: pd.Series, top_tokens: Mapping[int, str] | None, values: Sequence[tuple[str, str]]) -> dict:
+    """One pick's cells of a per-concept table: its feature, its top tokens when known, and ``values``
+    ((column, unit-record key) pairs)."""
+    feature = int(unit["feature"])
+    cells: dict = {f"{prefix}: feature": feature}
+    if top_tokens is not None:
+        cells[f"{prefix}: top tokens"] = top_tokens.get(feature, "")
+    for column, key in values:
+        cells[f"{prefix}: {column}"] = float(unit.get(key, math.nan))
+    return cells
+
+
+def candidate_table(results: EvalResults, top_tokens: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """A run of this protocol, one row per concept considered: how many candidates of each kind it has, and per
+    pick (activation, output-score, random) the feature, its firing share and output score, the strength chosen
+    on the train half and the combined score on the test half; the output-filtered set's size and mean combined
+    score; and why a method was skipped. ``top_tokens`` (feature -> tokens) adds a column per pick."""
+    units = results.units
+    if units.empty or "n_input_side" not in units.columns:
+        return pd.DataFrame(columns=["concept"])
+    summary = results.summary()
+    scored = dict(zip(zip(summary["concept"], summary["method"]), summary["combined"])) if len(summary) else {}
+    rows = []
+    for concept, part in units.groupby("concept", sort=False):
+        first = part.iloc[0]
+        row: dict = {"concept": concept, **{f"{k.replace('_', '-')}": int(first.get(f"n_{k}", 0) or 0)
+                                            for k in ("input_side", "output_side", "both", "filtered")}}
+        by_method = part.set_index("method")
+        for m, p in NEW_PICKS.items():
+            u = by_method.loc[m] if m in by_method.index else None
+            if u is None or u["status"] != "done":
+                row[f"{p}: feature"] = None
+                continue
+            row |= _pick_cells(p, u, top_tokens, (("firing share", "firing_share"), ("output score", "output_score"), ("strength", "best_strength")))
+            row[f"{p}: combined"] = float(scored.get((concept, m), math.nan))
+        if "sae_filtered" in by_method.index and by_method.loc["sae_filtered", "status"] == "done":
+            row["filtered: combined (mean)"] = float(scored.get((concept, "sae_filtered"), math.nan))
+        reasons = part[part["status"] == "skipped"]
+        if len(reasons) and "reason" in reasons.columns:
+            row["skipped"] = "; ".join(dict.fromkeys(f"{r['method'] if len(reasons) < len(part) else 'all'}: {r['reason']}"
+                                                     for _, r in reasons.iterrows()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def filtered_features(results: EvalResults) -> pd.DataFrame:
+    """The per-feature rows of ``sae_filtered``: each output-filtered feature of each concept, its scores, the
+    strength chosen for it on the train half and its test-half metrics."""
+    from ..evaluation import feature_results
+
+    per = feature_results(results.generations)
+    per = per[per["method"] == "sae_filtered"] if len(per) else per
+    if per.empty:
+        return pd.DataFrame(columns=["concept", "feature"])
+    scores = {}
+    units = results.units
+    for _, u in units[(units["method"] == "sae_filtered") & (units["status"] == "done")].iterrows():
+        for f, o, s in zip(u.get("features") or [], u.get("feature_output_scores") or [], u.get("feature_firing_shares") or []):
+            scores[(u["concept"], int(f))] = (float(o), float(s))
+    out = per.drop(columns=["method"]).reset_index(drop=True)
+    out.insert(2, "output_score", [scores.get((c, int(f)), (math.nan, math.nan))[0] for c, f in zip(out["concept"], out["feature"])])
+    out.insert(3, "firing_share", [scores.get((c, int(f)), (math.nan, math.nan))[1] for c, f in zip(out["concept"], out["feature"])])
+    return out
+
+
 def concept_picks(results: EvalResults, top_tokens: Mapping[int, str] | None = None) -> pd.DataFrame:
-    """One row per evaluated concept: its number of candidate features and, per SAE selection rule, the
+    """A run of the previous protocol, one row per evaluated concept: its number of candidate features and, per SAE selection rule, the
     feature picked, its output and input scores, the strength chosen on the train half and the concept
     score / combined score it reached on the test half. ``top_tokens`` (feature -> tokens) adds a column."""
     units = results.units
     if units.empty or "feature" not in units.columns:
         return pd.DataFrame(columns=["concept", "candidates"])
-    done = units[(units["status"] == "done") & units["method"].isin(SAE_METHODS)]
+    done = units[(units["status"] == "done") & units["method"].isin(PREVIOUS_SAE_METHODS)]
     summary = results.summary()
     scored = ({(c, m): (cs, cb) for c, m, cs, cb in zip(summary["concept"], summary["method"], summary["concept_score"], summary["combined"])}
               if len(summary) else {})
@@ -128,18 +205,11 @@ def concept_picks(results: EvalResults, top_tokens: Mapping[int, str] | None = N
     for concept, part in done.groupby("concept", sort=False):
         row: dict = {"concept": concept, "candidates": int(part["n_candidates"].max()) if "n_candidates" in part else None}
         by_method = part.set_index("method")
-        for m in SAE_METHODS:
+        for m in PREVIOUS_SAE_METHODS:
             p = PICK_PREFIX[m]
             if m not in by_method.index:
                 continue
-            u = by_method.loc[m]
-            feature = int(u["feature"])
-            row[f"{p}: feature"] = feature
-            if top_tokens is not None:
-                row[f"{p}: top tokens"] = top_tokens.get(feature, "")
-            row[f"{p}: output score"] = float(u.get("output_score", math.nan))
-            row[f"{p}: input score"] = float(u.get("input_score", math.nan))
-            row[f"{p}: strength"] = float(u.get("best_strength", math.nan))
+            row |= _pick_cells(p, by_method.loc[m], top_tokens, (("output score", "output_score"), ("input score", "input_score"), ("strength", "best_strength")))
             if (concept, m) in scored:
                 row[f"{p}: concept score"], row[f"{p}: combined"] = (float(v) for v in scored[(concept, m)])
         if "sae_output" in by_method.index and "sae_input" in by_method.index:
@@ -153,9 +223,9 @@ def concept_results(results: EvalResults) -> pd.DataFrame:
     summary = results.summary()
     if summary.empty:
         return summary
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(KNOWN_METHODS)}
     out = summary.sort_values(["concept", "method"], key=lambda s: s.map(order) if s.name == "method" else s, kind="stable")
-    out = out.assign(method=[label(m) for m in out["method"]])
+    out = out.assign(method=[label(m, results.previous_protocol) for m in out["method"]])
     return out.reset_index(drop=True)
 
 
@@ -174,7 +244,8 @@ def skipped_concepts(results: EvalResults) -> pd.DataFrame:
 GENERATION_COLUMNS = ("concept", "method", "feature", "strength", "split", "prefix", "text", "mentions", "success_k", "ppl", "fluency", "combined")
 
 
-def generations_view(gens: pd.DataFrame, concepts: Sequence[str] = (), methods: Sequence[str] = (), split: str = "test") -> pd.DataFrame:
+def generations_view(gens: pd.DataFrame, concepts: Sequence[str] = (), methods: Sequence[str] = (), split: str = "test",
+                     previous: bool = False) -> pd.DataFrame:
     """Generations filtered by concept, method and split ("test", "train" or "both"), readable method names."""
     out = gens
     if concepts:
@@ -183,10 +254,10 @@ def generations_view(gens: pd.DataFrame, concepts: Sequence[str] = (), methods: 
         out = out[out["method"].isin(list(methods))]
     if split != "both":
         out = out[out["split"] == split]
-    order = {m: i for i, m in enumerate(METHODS)}
-    out = out.assign(_order=out["method"].map(order)).sort_values(["concept", "_order", "strength", "prefix_idx"], kind="stable")
+    order = {m: i for i, m in enumerate(KNOWN_METHODS)}
+    out = out.assign(_order=out["method"].map(order)).sort_values(["concept", "_order", "feature", "strength", "prefix_idx"], kind="stable")
     cols = [c for c in GENERATION_COLUMNS if c in out.columns]
-    out = out[cols].assign(method=[label(m) for m in out["method"]])
+    out = out[cols].assign(method=[label(m, previous) for m in out["method"]])
     return out.reset_index(drop=True)
 
 
@@ -210,13 +281,13 @@ def tokens_per_second(timings: pd.DataFrame) -> float:
 # Commands
 
 
-def _floats(values: Sequence[float]) -> list[str]:
-    return [f"{v:g}" for v in values]
-
-
 def resume_command(meta: Mapping, out: str | Path) -> tuple[str, list[str]]:
-    """The ``eval ... --resume`` command that continues the run in ``out``, and notes on what it cannot
-    restore by itself (settings the CLI does not take, or concept/prefix files to give again)."""
+    """The ``eval ... --resume`` command that continues the run in ``out`` (a run of this protocol), and notes
+    on what it cannot restore by itself (settings the CLI does not take, or concept/prefix files to give
+    again). The run's settings become flags through the CLI's own entries (``cli.evaluate.FLAGS``)."""
+    from ..cli.evaluate import DEFAULT_N_CONCEPTS, FLAGS
+    from ..cli.flags import command_line
+
     args = ["python", "-m", "saesteer", "eval"]
     notes: list[str] = []
     model = str(meta.get("model") or EMBEDDED_MODEL)
@@ -230,30 +301,29 @@ def resume_command(meta: Mapping, out: str | Path) -> tuple[str, list[str]]:
         if source:
             args += ["--features", source]
         notes.append("give `--sae` as the original run did (a directory, RELEASE:ID or bundled id)")
-    params = meta.get("params") or {}
-    default = EvalParams().key()
-    flags = {"strengths": "--strengths", "diffmean_coeffs": "--diffmean-coeffs"}
-    for key, flag in flags.items():
-        if key in params and [float(v) for v in params[key]] != [float(v) for v in default[key]]:
-            args += [flag, *_floats(params[key])]
-    for key, flag in (("n_prefixes", "--n-prefixes"), ("max_new_tokens", "--max-new-tokens"), ("seed", "--seed")):
-        if key in params and params[key] != default[key]:
-            args += [flag, str(params[key])]
-    cli_keys = {"strengths", "diffmean_coeffs", "n_prefixes", "max_new_tokens", "seed", "methods", "batch_size"}
-    other = sorted(k for k in params if k not in cli_keys and k in default and params[k] != default[k])
+    goal = meta.get("run") or {}
+    key = dict(meta.get("params") or {})
+    if goal.get("methods"):
+        key["methods"] = list(goal["methods"])
+    names = {f.name for f in fields(EvalParams)}
+    try:
+        params = EvalParams.from_key({k: v for k, v in key.items() if k in names})
+    except (ConfigError, TypeError) as exc:
+        notes.append(f"this run's settings are not valid for this version ({exc}): the command uses the defaults")
+        params = EvalParams()
+    default = EvalParams()
+    flagged = {f.field for f in FLAGS}
+    other = sorted(k for k in names if k not in flagged and getattr(params, k) != getattr(default, k))
     if other:
         notes.append(f"this run changed settings the CLI does not take ({', '.join(other)}): continue it through `saesteer.evaluation.run_evaluation`")
-    goal = meta.get("run") or {}
-    methods = goal.get("methods") or params.get("methods")
-    if methods and sorted(methods) != sorted(METHODS):
-        args += ["--methods", *methods]
+    args += command_line(params, FLAGS)
     if goal.get("concepts") is not None:
         from ..evaluation import default_concepts
 
         if list(goal["concepts"]) != default_concepts():
             args += ["--concepts", "CONCEPTS.txt"]
             notes.append("CONCEPTS.txt: the run's concept list, one per line (Run details lists it)")
-    if goal.get("n_concepts") not in (None, 30):
+    if goal.get("n_concepts") not in (None, DEFAULT_N_CONCEPTS):
         args += ["--n-concepts", str(goal["n_concepts"])]
     prefixes = meta.get("prefixes")
     if prefixes is not None:

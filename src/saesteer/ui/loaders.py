@@ -120,11 +120,6 @@ def weights_fingerprint(sae: LoadedSae) -> str:
     return _FINGERPRINTS[sae.sae]
 
 
-def _fingerprint(sae: LoadedSae, fn) -> str:
-    # The evaluation page's name for weights_fingerprint until its rewrite (issue 13) calls that.
-    return weights_fingerprint(sae)
-
-
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -93,7 +93,7 @@ def _presets(ctx: AppContext, d: presets_lib.Defaults, sae: str) -> None:
     for col, p in zip(cols[1:], d.presets):
         if col.button(p.concept, key=f"duel_preset_{p.concept}", help=p.evidence, use_container_width=True):
             with st.spinner(f"Calibrating the strength of feature {p.feature}…"):
-                amp, measured = strength_or_fallback(lambda p=p: presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)[0],
+                amp, measured = strength_or_fallback(lambda p=p: presets_lib.preset_strength(ctx.lm, ctx.sae, p)[0],
                                                      f"calibrating the strength of feature {p.feature}")
             _set_concept(sae, p.concept, amp)
             st.session_state["duel_autorun"] = True

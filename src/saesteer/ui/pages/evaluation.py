@@ -1,5 +1,7 @@
-"""Evaluation: steering with SAE features picked by output score, by input score and at random, against
-DiffMean, LoRA, prompting and no steering — read from the runs ``python -m saesteer eval`` writes.
+"""Evaluation: the paper's two experiments, read from the runs ``python -m saesteer eval`` writes. At the
+concept level, SAE features found from the input side (activation pick, output-filtered features) and the
+output side (output-score pick), and a random candidate, against DiffMean, LoRA, prompting and no steering;
+runs of the previous protocol (logit-lens candidates only) are shown labelled as such.
 
 The page never runs an evaluation itself (one layer takes an hour or more on a CPU); it lists the runs in
 the cache and the results shipped under ``assets/eval/results/``, and tells the user the command to make
@@ -20,19 +22,29 @@ import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
 from ... import evaluation as evaluate, paths
+from ...text import escape
 from .. import evaltables as et
 from .. import loaders
 from ..context import AppContext
 from ..state import is_within
 
 PROTOCOL = (
-    "Per concept, three SAE features are taken among those whose logit-lens top-20 contains the concept: the one "
-    "with the highest **output score**, the one with the highest **input score**, and a random one. Each steers the "
-    "model over the paper's strength grid on half of the neutral prefixes; the strength that scores best there is "
-    "reported on the other half (the AxBench protocol), next to DiffMean, LoRA, prompting and no steering. "
-    "*Concept success*: share of held-out generations that mention the concept; *success@k*: how many target "
-    "tokens appear; *fluency*: (1 − repetition) × a perplexity factor (1 = as predictable as the unsteered model); "
-    "*combined* = concept success × fluency, per generation."
+    "Per concept, SAE candidates come from the **input side** (features whose top contexts mostly peak on the "
+    "concept: the offline stand-in for searching feature explanations) and from the **output side** (features whose "
+    "logit-lens top-20 holds the concept). The **activation pick** is the input-side candidate that fires most "
+    "reliably on the concept; the **output-score pick** has the highest output score over both sets; "
+    "**output-filtered** steers with every input-side candidate whose output score is ≥ τ, each on its own, and "
+    "reports their mean; a **random** candidate is the control. Each feature steers over the paper's strength grid on "
+    "half of the neutral prefixes; the strength that scores best there is reported on the other half (the AxBench "
+    "protocol), next to DiffMean, LoRA, prompting and no steering. *Concept success*: share of held-out generations "
+    "that mention the concept; *success@k*: how many target tokens appear; *fluency*: (1 − repetition) × a perplexity "
+    "factor (1 = as predictable as the unsteered model); *combined* = concept success × fluency, per generation."
+)
+PREVIOUS_PROTOCOL = (
+    "**Previous protocol.** This run took every SAE candidate from the output side (the concept among the feature's "
+    "logit-lens top-20) and picked by output score, by input score or at random, so its input- and output-score picks "
+    "both already promote the concept. It is shown as it was measured, until a run of the current protocol replaces it; "
+    "it cannot be resumed."
 )
 VIEWS = ("one run", "compare runs")
 
@@ -180,7 +192,7 @@ def _one_run(ctx: AppContext, runs: list[RunEntry]) -> None:
                           help="runs in the cache (written by `python -m saesteer eval`) and results shipped with the app")
     min_cand = c2.number_input("Min. candidates per concept", min_value=1, max_value=1000, value=1, step=1, key="ev_min_cand",
                                help="Keep only concepts with at least this many candidate features: with a single candidate, "
-                               "all three SAE rules steer with the same feature.")
+                               "all SAE picks steer with the same feature.")
     entry = by_path[chosen]
     if entry.problem:
         _broken(entry, entry.problem)
@@ -226,8 +238,14 @@ def _describe(meta: dict) -> str:
 
 def _show_run(ctx: AppContext, entry: RunEntry, results: evaluate.EvalResults, progress: evaluate.RunProgress, min_cand: int) -> None:
     meta = results.meta
+    previous = results.previous_protocol
     st.caption(_describe(meta) + f" · {et.md_text(entry.where)}")
-    if not progress.finished:
+    if previous:
+        st.info(PREVIOUS_PROTOCOL, icon=":material/history:")
+    if not progress.finished and previous:
+        st.warning(f"**This run of the previous protocol is incomplete** ({progress.n_done} concepts done); this version "
+                   "cannot resume it: start a run of the current protocol with another `--out`.", icon=":material/hourglass_top:")
+    elif not progress.finished:
         goal = f"{progress.n_done} of {et.plural(progress.target, 'concept')}" if progress.target else et.plural(progress.n_done, "concept")
         partly = f", {progress.n_partial} partly" if progress.n_partial else ""
         st.warning(
@@ -240,15 +258,25 @@ def _show_run(ctx: AppContext, entry: RunEntry, results: evaluate.EvalResults, p
         st.code(command, language="bash")
         for note in notes:
             st.caption(note)
-    table = results.methods(min_cand)
+    common = st.checkbox("Compare methods on the concepts every method completed", value=True, key="ev_common",
+                         help="Off: each method's mean is over the concepts it completed (methods that need input-side "
+                         "candidates cover fewer concepts; the ratio below is always paired).")
+    table = results.methods(min_cand, common)
     if table.empty or "concept_score" not in table.columns:
         st.info("No concept has results yet" + (" with that many candidates." if min_cand > 1 else ": the run has not finished its first concept."))
         _run_details(results, entry)
         return
 
     st.subheader("Methods")
-    st.markdown(et.headline(table))
-    st.dataframe(et.method_display(table), hide_index=True, column_config=_METHOD_COLUMNS, key="ev_methods")
+    if previous:
+        st.markdown(et.previous_headline(table))
+    else:
+        st.markdown(f"**{escape(evaluate.concept_headline(results), whitespace=True)}**")
+    st.dataframe(et.method_display(table, previous), hide_index=True, column_config=_METHOD_COLUMNS, key="ev_methods")
+    if not previous:
+        st.caption("The paper's ratio, paired over the concepts that have both methods (delta-method standard error; "
+                   f"the verdict needs the 95% interval, ratio ± {evaluate.report.Z95} s.e., to exclude 1):")
+        st.dataframe(_ratio_table(results), hide_index=True, key="ev_ratios")
     st.download_button("Method table (CSV)", _csv(table), file_name=f"eval-methods-{_slug(meta)}.csv",
                        mime="text/csv", key="ev_methods_csv", on_click="ignore")
     figs, per_concept, generations, details = st.tabs(["Figures", "Per concept", "Generations", "Run details"])
@@ -312,9 +340,7 @@ def _top_tokens(ctx: AppContext, meta: dict) -> dict[int, str] | None:
     """Logit-lens top tokens of the run's SAE, if the sidebar has that very SAE (same weights) loaded."""
     if ctx.data is None or ctx.sae is None or ctx.sae.id != meta.get("sae_id") or ctx.model_name != meta.get("model"):
         return None
-    from ...store import sae_fingerprint
-
-    if loaders._fingerprint(ctx.sae, sae_fingerprint) != meta.get("sae_fingerprint"):
+    if loaders.weights_fingerprint(ctx.sae) != meta.get("sae_fingerprint"):
         return None
     table = ctx.data.table
     if "top_tokens" not in table.columns:
@@ -323,18 +349,36 @@ def _top_tokens(ctx: AppContext, meta: dict) -> dict[int, str] | None:
     return dict(zip(table["feature"].astype(int), short))
 
 
+def _ratio_table(results: evaluate.EvalResults) -> pd.DataFrame:
+    rows = [{"ratio": f"{et.label(r.method)} ÷ {et.label(r.baseline)}", "concepts": r.n, "mean combined": r.mean,
+             "activation pick's": r.mean_baseline, "ratio of means": r.ratio, "± s.e.": r.se} for r in results.ratios().values()]
+    return pd.DataFrame(rows)
+
+
 def _per_concept(ctx: AppContext, results: evaluate.EvalResults) -> None:
     meta = results.meta
-    picks = et.concept_picks(results, _top_tokens(ctx, meta))
-    st.markdown("**Features picked per concept**: the output-score, input-score and random pick among the candidates, "
-                "their scores, the strength chosen on the train half, and what they reached on the test half.")
+    tokens = _top_tokens(ctx, meta)
+    if results.previous_protocol:
+        picks = et.concept_picks(results, tokens)
+        st.markdown("**Features picked per concept** (previous protocol): the output-score, input-score and random pick among "
+                    "the logit-lens candidates, their scores, the strength chosen on the train half, and what they reached on the test half.")
+    else:
+        picks = et.candidate_table(results, tokens)
+        st.markdown("**Candidates per concept**: how many of each kind (input-side: fires on the concept; output-side: promotes it; "
+                    "both: features of both kinds; filtered: input-side with output score ≥ τ), the picks with their firing share "
+                    "and output score, the strength chosen on the train half and the combined score on the test half.")
     config = {c: st.column_config.NumberColumn(format="%.4f") for c in picks.columns if c.endswith("output score")}
-    config |= {c: st.column_config.NumberColumn(format="%.2f") for c in picks.columns if c.endswith(("input score", "combined"))}
+    config |= {c: st.column_config.NumberColumn(format="%.2f") for c in picks.columns if c.endswith(("input score", "combined", "firing share", "(mean)"))}
     config |= {c: st.column_config.NumberColumn(format="percent") for c in picks.columns if c.endswith("concept score")}
     config |= {c: st.column_config.NumberColumn(format="%d") for c in picks.columns if c.endswith("feature")}
     st.dataframe(picks, hide_index=True, column_config=config, key="ev_picks")
     st.download_button("Picks (CSV)", _csv(picks), file_name=f"eval-picks-{_slug(meta)}.csv", mime="text/csv",
                        key="ev_picks_csv", on_click="ignore")
+    if not results.previous_protocol:
+        per_feature = et.filtered_features(results)
+        if len(per_feature):
+            st.markdown("**Output-filtered features, one by one** (each at its own strength; the concept's result is their mean)")
+            st.dataframe(per_feature, hide_index=True, key="ev_filtered")
     st.markdown("**Every method per concept** (test half, at the chosen strength)")
     per = et.concept_results(results)
     st.dataframe(per, hide_index=True, key="ev_concepts")
@@ -353,15 +397,16 @@ def _generations(results: evaluate.EvalResults) -> None:
         return
     concepts = list(pd.unique(gens["concept"].to_numpy(dtype=object)))
     present = set(gens["method"].unique())
-    methods = [m for m in evaluate.METHODS if m in present]
+    methods = [m for m in evaluate.KNOWN_METHODS if m in present]
+    previous = results.previous_protocol
     _valid("ev_gen_concept", concepts)
     _valid("ev_gen_methods", methods, multi=True)
     c1, c2, c3 = st.columns([2, 4, 2])
     concept = c1.selectbox("Concept", concepts, key="ev_gen_concept")
-    chosen = c2.multiselect("Methods", methods, default=methods, format_func=et.label, key="ev_gen_methods")
+    chosen = c2.multiselect("Methods", methods, default=methods, format_func=lambda m: et.label(m, previous), key="ev_gen_methods")
     split = c3.radio("Prefixes", ["test", "train", "both"], horizontal=True, key="ev_gen_split",
                      help="test: the reported half, each method at its chosen strength; train: every strength of the grid")
-    view = et.generations_view(gens, [concept], chosen, split)
+    view = et.generations_view(gens, [concept], chosen, split, previous)
     st.caption(f"{len(view):,} generations (continuations only; the prefix is in its own column).")
     st.dataframe(
         view, hide_index=True, key="ev_gens",
@@ -436,17 +481,21 @@ def _compare(runs: list[RunEntry]) -> None:
         if table.empty or "concept_score" not in table.columns:
             st.caption(f"{et.md_text(name)}: no concept finished yet.")
             continue
-        frames.append(table.assign(run=name, layer=entry.meta.get("layer"), sae_id=entry.meta.get("sae_id"), model=entry.meta.get("model")))
+        frames.append(table.assign(run=name, layer=entry.meta.get("layer"), sae_id=entry.meta.get("sae_id"), model=entry.meta.get("model"),
+                                   protocol="previous" if results.previous_protocol else "current"))
         status = "" if progress.finished else f" *(incomplete: {progress.n_done} concepts so far)*"
-        lines.append(f"- **{et.md_text(name)}**{status}: {et.headline(table)}")
+        if results.previous_protocol:
+            lines.append(f"- **{et.md_text(name)}** (previous protocol){status}: {et.previous_headline(table)}")
+        else:
+            lines.append(f"- **{et.md_text(name)}**{status}: {escape(evaluate.concept_headline(results), whitespace=True)}")
     if not frames:
         st.info("Pick one or more runs with results.")
         return
     table = pd.concat(frames, ignore_index=True)
     st.plotly_chart(evaluate.fig_compare(table, metric), key="ev_compare_chart")
     st.markdown("\n".join(lines))
-    cols = ["run", "model", "layer", "sae_id", "method", "n_concepts", *[c for c in et.TABLE_COLUMNS if c in table.columns]]
-    shown = table[cols].assign(method=[et.label(m) for m in table["method"]])
+    cols = ["run", "model", "layer", "sae_id", "protocol", "method", "n_concepts", *[c for c in et.TABLE_COLUMNS if c in table.columns]]
+    shown = table[cols].assign(method=[et.label(m, p == "previous") for m, p in zip(table["method"], table["protocol"])])
     st.dataframe(shown, hide_index=True, key="ev_compare_table",
                  column_config={k: v for k, v in _METHOD_COLUMNS.items() if k in shown.columns and k != "method"})
     st.download_button("Comparison (CSV)", _csv(table), file_name="eval-comparison.csv", mime="text/csv",

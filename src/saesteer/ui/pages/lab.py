@@ -100,7 +100,7 @@ def default_strength(ctx: AppContext, feature: int, mode: str = "paper") -> floa
         return DEFAULT_STRENGTH[mode]
     for p in d.presets:
         if p.feature == feature:
-            return presets_lib.preset_strength(ctx.lm, ctx.sae, d, p)[0]
+            return presets_lib.preset_strength(ctx.lm, ctx.sae, p)[0]
     try:
         return presets_lib.feature_strength(ctx.lm, ctx.sae, d, feature, bank_for(ctx))[0]
     except KeyError:  # a feature the data does not cover
