@@ -19,6 +19,20 @@ from saesteer.paths import FIXTURE_ENV
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_until_still(page, deadline: float, quiet_s: float = 5.0) -> None:
+    """Wait until the page's text has not changed for ``quiet_s`` seconds (the strip streams after the verdict;
+    Streamlit's own status widget is not a reliable end signal: it stayed on the page after the run here)."""
+    last, since = None, time.time()
+    while time.time() < deadline:
+        text = page.inner_text("body")
+        if text != last:
+            last, since = text, time.time()
+        elif time.time() - since >= quiet_s:
+            return
+        page.wait_for_timeout(500)
+    raise TimeoutError("the duel page kept changing until the deadline")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concept", default="water")
@@ -49,8 +63,7 @@ def main() -> int:
                 page.goto(url)
                 page.wait_for_selector("text=Verdict.", timeout=ms)
                 page.wait_for_selector("text=Strength strip", timeout=ms)
-                page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=ms)
-                page.wait_for_timeout(1000)
+                wait_until_still(page, deadline)
                 page.screenshot(path=str(args.out), full_page=True)
                 verdict = page.locator("p", has_text="Verdict.").first.inner_text()
                 browser.close()

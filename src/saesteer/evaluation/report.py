@@ -58,7 +58,7 @@ def concept_headline(results: EvalResults) -> str:
 
 
 def candidate_sentence(counts: dict[str, int]) -> str:
-    return (f"Of {counts['concepts']} concepts, {counts['input_side']} have input-side candidates, {counts['output_side']} "
+    return (f"Of {counts['concepts']} concept{'s' if counts['concepts'] != 1 else ''}, {counts['input_side']} have input-side candidates, {counts['output_side']} "
             f"output-side ones, {counts['both']} both, {counts['filtered']} an input-side candidate with output score >= tau, "
             f"and {counts['none']} none.")
 
