@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from saesteer.testing import WORDS
-from saesteer import presets
+from saesteer import presets, steering
 from saesteer.config import LIVE_NEW_TOKENS, PAPER_TEMPERATURE
 from saesteer.evaluation import FeatureBank, repetition
-from saesteer.steering import default_fast
+from saesteer.steering import default_fast, generate
 
 
 def word_features(lm, bank) -> list[tuple[int, str]]:
@@ -51,8 +52,9 @@ def test_top_word_is_a_word_of_four_latin_letters():
 
 def test_fresh_results_give_presets_where_the_output_pick_beat_the_unsteered_model(word_bank, tmp_path):
     lm, sae, bank = word_bank
-    (f1, w1), (f2, w2), (f3, w3) = word_features(lm, bank)[:3]
+    (f1, w1), (f2, w2), (f3, w3), (f4, w4) = word_features(lm, bank)[:4]
     rows = [
+        summary_row("delta", "sae_output", f4, 8.0, 1.0, combined=0.9, fluency=0.2), summary_row("delta", "unsteered", -1, 0.0, 0.0),  # broken text: not a preset
         summary_row("alpha", "sae_output", f1, 3.0, 0.6, combined=0.5), summary_row("alpha", "unsteered", -1, 0.0, 0.1),
         summary_row("beta", "sae_output", f2, 1.2, 0.9, combined=0.7), summary_row("beta", "unsteered", -1, 0.0, 0.0),
         summary_row("gamma", "sae_output", f3, 4.0, 0.2), summary_row("gamma", "unsteered", -1, 0.0, 0.3),  # no gain: not a preset
@@ -116,13 +118,29 @@ def test_fallback_presets_are_concepts_whose_output_pick_says_them(word_bank):
         assert all(by[p.concept].output_pick.feature == p.feature and p.word == p.concept for p in got)
 
 
-def test_calibration_takes_the_smallest_fluent_amp_that_says_the_word():
-    texts = {2.0: "the sea is calm", 3.0: "an ocean of ocean of ocean of ocean", 4.0: "the ocean is deep and wide", 6.0: "ocean ocean"}
-    c = presets._choose(5, "ocean", texts)
-    assert c.ok and c.strength == 4.0 and "amp 4" in c.describe()  # 3.0 says it but loops (repetition > 0.5)
-    assert repetition(texts[3.0]) > 0.5
-    c = presets._choose(5, "ocean", {2.0: "the sea", 4.0: "calm"})
+def test_calibration_takes_the_smallest_amp_that_most_seeds_say_fluently():
+    texts = {1.0: "the sea is calm", 2.0: "an ocean storm ocean", 3.0: "the ocean is deep and wide", 6.0: "ocean ocean"}
+    fluency = {1.0: 0.9, 2.0: 0.3, 3.0: 0.7, 6.0: 0.0}
+    n_ok = {1.0: 0, 2.0: 1, 3.0: 2, 6.0: 3}  # 2.0 said it fluently for one seed only: luck, not a default
+    c = presets._choose(5, "ocean", texts, fluency, n_ok, 3)
+    assert c.ok and c.strength == 3.0 and "amp 3" in c.describe() and "2 of 3 samples" in c.describe()
+    c = presets._choose(5, "ocean", {1.0: "the sea", 4.0: "ocean ocean"}, {1.0: 0.9, 4.0: 0.1}, {1.0: 0, 4.0: 1}, 3)
     assert not c.ok and c.strength == presets.FALLBACK_STRENGTH and "no amp" in c.describe()
+
+
+def test_calibration_fluency_is_the_duels_figure(word_bank):
+    """What calibration calls fluent is what the duel's column shows (duel.score against the unsteered row)."""
+    from saesteer import duel
+
+    lm, sae, bank = word_bank
+    presets.clear_cache()
+    (f, w), = word_features(lm, bank)[:1]
+    cal = presets.calibrate(lm, sae, [f], [w])[0]
+    base = generate(lm, presets.NEUTRAL_PROMPT, max_new_tokens=presets.CALIBRATION_TOKENS, temperature=0.7, seed=[0], fast=default_fast(lm))[0]
+    cols = {"baseline": base, **{str(a): t for a, t in cal.texts.items()}}
+    stats = duel.score(lm, presets.NEUTRAL_PROMPT, w, cols)
+    for a in cal.texts:
+        assert cal.fluency[a] == pytest.approx(stats[str(a)].fluency, abs=1e-6)
 
 
 def test_calibrate_runs_one_batch_and_caches(word_bank, monkeypatch):
@@ -138,10 +156,12 @@ def test_calibrate_runs_one_batch_and_caches(word_bank, monkeypatch):
     monkeypatch.setattr(presets, "generate", counting)
     (f1, w1), (f2, w2) = word_features(lm, bank)[:2]
     first = presets.calibrate(lm, sae, [f1, f2], [w1, w2])
-    assert calls == [2 * len(presets.CALIBRATION_GRID)]
-    assert set(first[0].texts) == set(presets.CALIBRATION_GRID)
+    rows = 1 + len(presets.CALIBRATION_GRID)  # the unsteered row, then each amp: one batch per feature and seed
+    n = 2 * len(presets.CALIBRATION_SEEDS)
+    assert calls == [rows] * n and rows <= steering.FAST_MAX_BATCH  # small enough for the copy, as the pages run
+    assert set(first[0].texts) == set(presets.CALIBRATION_GRID) and first[0].n_seeds == len(presets.CALIBRATION_SEEDS)
     again = presets.calibrate(lm, sae, [f2], [w2])
-    assert calls == [2 * len(presets.CALIBRATION_GRID)] and again[0] == first[1]
+    assert calls == [rows] * n and again[0] == first[1]
     # each grid row is what that amp gives alone (one seed per row), on the path the pages start with
     alone = real(lm, presets.NEUTRAL_PROMPT, sae=sae, features=[f1], strengths=[3.0], max_new_tokens=presets.CALIBRATION_TOKENS,
                  temperature=0.7, seed=[0], fast=default_fast(lm))[0]
@@ -169,10 +189,11 @@ def test_calibration_measures_the_path_the_pages_start_with(word_bank, monkeypat
     monkeypatch.setattr(presets, "generate", recording)
     (f, w), = word_features(lm, bank)[:1]
     presets.calibrate(lm, sae, [f], [w])
-    assert seen == [{"max_new_tokens": LIVE_NEW_TOKENS, "temperature": PAPER_TEMPERATURE, "fast": default_fast(lm)}]
+    k = len(presets.CALIBRATION_SEEDS)
+    assert seen == [{"max_new_tokens": LIVE_NEW_TOKENS, "temperature": PAPER_TEMPERATURE, "fast": default_fast(lm)}] * k
     assert default_fast(lm) is True  # the tiny model is on the CPU: the copy is what the pages start with
     presets.calibrate(lm, sae, [f], [w], fast=False)
-    assert seen[-1]["fast"] is False and len(seen) == 2
+    assert seen[-1]["fast"] is False and len(seen) == 2 * k
 
 
 def test_run_metas_are_the_run_folders_find_run_reads(word_bank, tmp_path):
@@ -190,10 +211,13 @@ def test_run_metas_are_the_run_folders_find_run_reads(word_bank, tmp_path):
 
 
 @pytest.mark.slow
-def test_presets_and_the_lab_default_say_their_word_without_looping():
-    """Issue 12's last target: the lab's default feature and every demo preset, at their default strength (as
-    the lab and the duel start: neutral prompt, temperature 0.7, seed 0, 32 new tokens, the bf16 copy on a CPU),
-    mention the feature's top word with word-bigram repetition <= 0.5. Checked at the layer the app opens on."""
+def test_presets_and_the_lab_default_say_their_word_or_say_that_they_cannot():
+    """Issue 12's last target, measured honestly: the lab's default feature and every demo preset, at their
+    default strength (as the lab and the duel start: neutral prompt, temperature 0.7, 32 new tokens, the bf16 copy
+    on a CPU), mention the feature's top word with word-bigram repetition <= 0.5 and the duel's fluency >= 0.5,
+    in most of the calibration seeds, in the lab's own batch shape. Where the calibration found no such amp, the
+    default must be the fallback and say so (the README reports which presets: on the shipped L2, "ocean" f998
+    says sea/water/river but not "ocean" fluently at any grid amp). Checked at the layer the app opens on."""
     from saesteer.config import SaeSpec
     from saesteer.features import FeatureData
     from saesteer.paths import bundled_feature_dir
@@ -208,14 +232,22 @@ def test_presets_and_the_lab_default_say_their_word_without_looping():
     d = presets.defaults(lm, sae, bank)
     assert d.presets, f"no preset at layer {layer}: {d.reason}"
     amps = [presets.preset_strength(lm, sae, p)[0] for p in d.presets]  # presets[0] is also the lab's default feature
-    feats = list(dict.fromkeys(p.feature for p in d.presets))
-    s = np.zeros((len(d.presets), len(feats)), dtype=np.float32)
-    for i, (p, a) in enumerate(zip(d.presets, amps)):
-        s[i, feats.index(p.feature)] = a
-    import torch
+    from saesteer import duel
 
-    texts = generate(lm, [presets.NEUTRAL_PROMPT] * len(d.presets), sae=sae, features=feats, strengths=torch.from_numpy(s),
-                     max_new_tokens=LIVE_NEW_TOKENS, temperature=PAPER_TEMPERATURE, seed=[0] * len(d.presets), fast=default_fast(lm))
-    report = [(p.concept, p.feature, a, presets.mentions_word(t, p.word), round(repetition(t), 2), t) for p, a, t in zip(d.presets, amps, texts)]
-    for (concept, feature, amp, n, rep, text), p in zip(report, d.presets):
-        assert n >= 1 and rep <= presets.MAX_REPETITION, f"L{layer} preset {concept!r} (f{feature}, amp {amp:g}): {n}× {p.word!r}, repetition {rep}: {text!r}"
+    # As the lab shows it (baseline + steered, one 2-row batch; another batch shape than the calibration's),
+    # for each calibration seed: most samples must say the word without looping and stay fluent.
+    for p, a in zip(d.presets, amps):
+        cal = presets.calibrate(lm, sae, [p.feature], [p.word])[0]
+        if p.strength is None and not cal.ok:  # calibrated, and no amp worked: the page must say so, not pretend
+            why = presets.preset_strength(lm, sae, p)[1]
+            assert a == presets.FALLBACK_STRENGTH and "no amp" in why and "fluently" in why, why
+            continue
+        seen = []
+        for sd in presets.CALIBRATION_SEEDS:
+            base, t = generate(lm, [presets.NEUTRAL_PROMPT] * 2, sae=sae, features=[p.feature], strengths=torch.tensor([[0.0], [a]]),
+                               max_new_tokens=LIVE_NEW_TOKENS, temperature=PAPER_TEMPERATURE, seed=[sd, sd], fast=default_fast(lm))
+            n, rep = presets.mentions_word(t, p.word), repetition(t)
+            flu = duel.score(lm, presets.NEUTRAL_PROMPT, p.word, {"baseline": base, "steered": t})["steered"].fluency
+            seen.append((n >= 1 and rep <= presets.MAX_REPETITION and flu >= duel.FLUENT, f"seed {sd}: {n}× {p.word!r}, repetition {rep:.2f}, fluency {flu:.2f}: {t!r}"))
+        ok = sum(good for good, _ in seen)
+        assert ok >= presets.MIN_SEEDS_OK, f"L{layer} preset {p.concept!r} (f{p.feature}, amp {a:g}): " + " | ".join(w for _, w in seen)

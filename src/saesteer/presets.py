@@ -5,14 +5,18 @@ or were computed for other weights.
 - **From the evaluation** (a run under ``assets/eval/results/`` or the cache whose model and SAE fingerprints
   match the loaded weights): the layer's default amp is the evaluation's best amp for the output-score pick
   (``evaluation.best_strength`` over its train rows, all concepts pooled); the presets are the concepts where
-  the output pick's test texts mention the concept more often than the unsteered model's do, best combined
-  score first, each at the amp the evaluation chose for it.
+  the output pick's test texts mention the concept more often than the unsteered model's do and stay fluent
+  (mean fluency >= ``duel.FLUENT``), best combined score first, each at the amp the evaluation chose for it.
 - **Fallback: calibration.** The presets are the concepts of ``assets/eval/concepts.txt`` whose output pick
   has the highest output score; a feature's default amp is the smallest amp of ``CALIBRATION_GRID`` at which
-  its continuation of the neutral prompt mentions the feature's top logit-lens word with word-bigram
-  repetition <= 0.5, measured in one batched generation on the path the duel and the lab start with: the
-  paper's temperature 0.7, seed 0, ``LIVE_NEW_TOKENS`` (32) new tokens, and the bf16 fast-decode copy on a
-  CPU, the exact model on CUDA (``steering.default_fast``).
+  its continuation of the neutral prompt mentions the feature's top logit-lens word and stays fluent by the
+  duel's own measure (``duel.score``: fluency >= ``duel.FLUENT``, i.e. (1 − bigram repetition) × the
+  perplexity factor against the unsteered continuation, so word salad that merely contains the word does not
+  count) for at least ``MIN_SEEDS_OK`` of the ``CALIBRATION_SEEDS``. One sample is one draw: on the bf16 copy the
+  same seed can even sample another continuation in a batch of another shape, so a default that worked for one
+  draw only would be luck. Each (feature, seed) is one batch (the unsteered row + one row per grid amp) on the
+  path the duel and the lab start with: the paper's temperature 0.7, ``LIVE_NEW_TOKENS`` (32) new tokens, and
+  the bf16 fast-decode copy on a CPU, the exact model on CUDA (``steering.default_fast``).
 
 Every preset (and the lab's default feature) has a top logit-lens token that is a word of at least four
 letters. Nothing here imports Streamlit.
@@ -25,7 +29,7 @@ import math
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -40,9 +44,14 @@ from .saes import LoadedSae
 from .steering import default_fast, generate
 from .text import whole_word
 
-CALIBRATION_GRID = (2.0, 3.0, 4.0, 6.0)
+CALIBRATION_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""Amps tried, smallest first; with the unsteered row, one batch of 7 rows per feature (<= steering.FAST_MAX_BATCH)."""
 CALIBRATION_TOKENS = LIVE_NEW_TOKENS
 """New tokens per calibration row: as many as the duel and the lab start with."""
+CALIBRATION_SEEDS = (0, 1, 2)
+"""Seeds each grid amp is sampled with (seed 0 is the pages' default)."""
+MIN_SEEDS_OK = 2
+"""An amp is the default when at least this many of the seeds say the word fluently at it."""
 MAX_REPETITION = 0.5
 """The evaluation's word-bigram repetition at or below which a text counts as not looping."""
 FALLBACK_STRENGTH = 2.0
@@ -143,7 +152,10 @@ def from_results(run: Path, bank: FeatureBank, tokenizer, n: int = N_PRESETS) ->
     out = summary[summary["method"] == method].set_index("concept")
     base = summary[summary["method"] == "unsteered"].set_index("concept")["concept_score"]
     rows = out.assign(gain=out["concept_score"] - base.reindex(out.index).fillna(0.0))
-    rows = rows[(rows["gain"] > 0) & (rows["feature"] >= 0)].sort_values(["combined", "gain"], ascending=False, kind="stable")
+    from .duel import FLUENT
+
+    # the output pick mentioned the concept more than the unsteered model did, and its text stayed fluent
+    rows = rows[(rows["gain"] > 0) & (rows["feature"] >= 0) & (rows["fluency"] >= FLUENT)].sort_values(["combined", "gain"], ascending=False, kind="stable")
     presets, seen = [], set()
     for concept, r in rows.iterrows():
         feature = int(r["feature"])
@@ -181,7 +193,7 @@ def fallback_presets(bank: FeatureBank, tokenizer, concepts: Sequence[str] | Non
         if word is None or word in seen or f in {p.feature for p in presets}:
             continue
         seen.add(word)
-        ev = (f"no evaluation for these weights yet: feature {f}, the concept's output pick (output score "
+        ev = (f"not from an evaluation of these weights: feature {f}, the concept's output pick (output score "
               f"{c.output_pick.output_score:.2f}), has “{word}” as its top logit-lens token")
         presets.append(Preset(c.concept, f, word, None, ev))
         if len(presets) == n:
@@ -215,14 +227,20 @@ class Calibration:
     ok: bool
     """Whether some grid amp met the target (else ``strength`` is the fallback)."""
     texts: dict[float, str]
-    """Grid amp -> the continuation it produced."""
+    """Grid amp -> the continuation it produced with the first seed."""
+    fluency: dict[float, float] = field(default_factory=dict)
+    """Grid amp -> the duel's fluency figure of that continuation (1 = as fluent as the unsteered one)."""
+    n_ok: dict[float, int] = field(default_factory=dict)
+    """Grid amp -> how many of the seeds said the word fluently there."""
+    n_seeds: int = 1
 
     def describe(self) -> str:
+        grid = ", ".join(f"{a:g}" for a in self.texts)
         if self.ok:
-            t = self.texts[self.strength]
-            return (f"amp {self.strength:g}: the smallest of {', '.join(f'{a:g}' for a in self.texts)} at which feature {self.feature} "
-                    f"says “{self.word}” ({mentions_word(t, self.word)}×) without looping (bigram repetition {repetition(t):.2f})")
-        return f"amp {self.strength:g}: no amp of the grid made feature {self.feature} say “{self.word}” without looping"
+            return (f"amp {self.strength:g}: the smallest of {grid} at which feature {self.feature} says “{self.word}” and stays "
+                    f"fluent (the duel's fluency >= 0.5) in {self.n_ok.get(self.strength, 0)} of {self.n_seeds} samples")
+        return (f"amp {self.strength:g}: no amp of {grid} made feature {self.feature} say “{self.word}” fluently in "
+                f"{MIN_SEEDS_OK} of {self.n_seeds} samples (the paper's median factor instead)")
 
 
 _CACHE: dict[tuple, Calibration] = {}
@@ -233,9 +251,9 @@ def calibrate(
     lm: LoadedModel, sae: LoadedSae, features: Sequence[int], words: Sequence[str], *, prompt: str = NEUTRAL_PROMPT,
     seed: int = 0, grid: Sequence[float] = CALIBRATION_GRID, max_new_tokens: int = CALIBRATION_TOKENS, fast: bool | None = None,
 ) -> list[Calibration]:
-    """Each feature's default amp (see the module docstring): one batched generation of
-    len(features) × len(grid) rows, on the bf16 fast-decode copy when ``fast`` (default: as the pages start,
-    ``steering.default_fast``); results are cached per process (per SAE weights)."""
+    """Each feature's default amp (see the module docstring): per feature and seed one batched generation of
+    1 + len(grid) rows (unsteered, then each amp) and one perplexity pass, on the bf16 fast-decode copy when ``fast`` (default:
+    as the pages start, ``steering.default_fast``); results are cached per process (per SAE weights)."""
     from .store import sae_fingerprint
 
     if len(features) != len(words):
@@ -245,31 +263,42 @@ def calibrate(
     keys = [(fp, int(f), w, prompt, seed, tuple(grid), max_new_tokens, fast) for f, w in zip(features, words)]
     with _CACHE_LOCK:
         todo = [i for i, k in enumerate(keys) if k not in _CACHE]
-    if todo:
-        feats = [int(features[i]) for i in todo]
-        uniq = list(dict.fromkeys(feats))
-        cells = [(i, a) for i in todo for a in grid]
-        s = torch.zeros((len(cells), len(uniq)), dtype=torch.float32)
-        for r, (i, a) in enumerate(cells):
-            s[r, uniq.index(int(features[i]))] = float(a)
-        texts = generate(lm, [prompt] * len(cells), sae=sae, features=uniq, strengths=s, max_new_tokens=max_new_tokens,
-                         temperature=PAPER_TEMPERATURE, seed=[seed] * len(cells), fast=fast)
-        by: dict[int, dict[float, str]] = {}
-        for (i, a), t in zip(cells, texts):
-            by.setdefault(i, {})[float(a)] = t
+    for i in todo:
+        cal = _measure(lm, sae, int(features[i]), words[i], prompt, seed, grid, max_new_tokens, fast)
         with _CACHE_LOCK:
-            for i in todo:
-                _CACHE[keys[i]] = _choose(int(features[i]), words[i], by[i])
+            _CACHE[keys[i]] = cal
     with _CACHE_LOCK:
         return [_CACHE[k] for k in keys]
 
 
-def _choose(feature: int, word: str, texts: dict[float, str]) -> Calibration:
+def _measure(lm: LoadedModel, sae: LoadedSae, feature: int, word: str, prompt: str, seed: int, grid: Sequence[float],
+             max_new_tokens: int, fast: bool) -> Calibration:
+    """Per seed one batch: the unsteered row, then one row per grid amp (every row sampled from that seed)."""
+    from .duel import FLUENT, score
+
+    amps = [float(a) for a in grid]
+    seeds = [seed + k for k in CALIBRATION_SEEDS]
+    s = torch.tensor([[0.0]] + [[a] for a in amps], dtype=torch.float32)
+    n_ok = {a: 0 for a in amps}
+    first: tuple[dict[float, str], dict[float, float]] | None = None
+    for sd in seeds:
+        texts = generate(lm, [prompt] * len(s), sae=sae, features=[feature], strengths=s, max_new_tokens=max_new_tokens,
+                         temperature=PAPER_TEMPERATURE, seed=[sd] * len(s), fast=fast)
+        stats = score(lm, prompt, word, {"baseline": texts[0], **{f"amp {a:g}": t for a, t in zip(amps, texts[1:])}})
+        by_amp = dict(zip(amps, texts[1:]))
+        flu = {a: stats[f"amp {a:g}"].fluency for a in amps}
+        for a in amps:
+            n_ok[a] += bool(mentions_word(by_amp[a], word) and flu[a] >= FLUENT)
+        first = first or (by_amp, flu)
+    return _choose(feature, word, first[0], first[1], n_ok, len(seeds))
+
+
+def _choose(feature: int, word: str, texts: dict[float, str], fluency: dict[float, float], n_ok: dict[float, int],
+            n_seeds: int) -> Calibration:
     for amp in sorted(texts):
-        t = texts[amp]
-        if mentions_word(t, word) and repetition(t) <= MAX_REPETITION:
-            return Calibration(feature, word, amp, True, texts)
-    return Calibration(feature, word, FALLBACK_STRENGTH, False, texts)
+        if n_ok.get(amp, 0) >= min(MIN_SEEDS_OK, n_seeds):
+            return Calibration(feature, word, amp, True, texts, fluency, n_ok, n_seeds)
+    return Calibration(feature, word, FALLBACK_STRENGTH, False, texts, fluency, n_ok, n_seeds)
 
 
 def preset_strength(lm: LoadedModel, sae: LoadedSae, preset: Preset) -> tuple[float, str]:
@@ -298,6 +327,6 @@ def clear_cache() -> None:
 
 
 __all__ = [
-    "CALIBRATION_GRID", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
+    "CALIBRATION_GRID", "CALIBRATION_SEEDS", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
     "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "run_metas", "top_word",
 ]

@@ -20,6 +20,8 @@ _COLORS = {
 #: The headline calls a ratio established when its 95% interval (ratio ± 1.96 standard errors) excludes 1.
 Z95 = 1.96
 RATIO_NAMES = {"sae_filtered": "output-filtered features", "sae_output": "the output-score pick"}
+#: The verb's form for each subject (plural "features", singular "pick").
+_STEER = {"sae_filtered": "steer", "sae_output": "steers"}
 
 
 def ratio_sentence(r: Ratio) -> str:
@@ -38,9 +40,9 @@ def ratio_sentence(r: Ratio) -> str:
     if not math.isfinite(r.se):
         verdict = "Too few concepts to say whether the difference is real."
     elif r.ratio - Z95 * r.se > 1:
-        verdict = f"{what[0].upper() + what[1:]} steer better than activation picks on this run (95% interval above 1)."
+        verdict = f"{what[0].upper() + what[1:]} {_STEER.get(r.method, 'steer')} better than activation picks on this run (95% interval above 1)."
     elif r.ratio + Z95 * r.se < 1:
-        verdict = f"{what[0].upper() + what[1:]} steer worse than activation picks on this run (95% interval below 1)."
+        verdict = f"{what[0].upper() + what[1:]} {_STEER.get(r.method, 'steer')} worse than activation picks on this run (95% interval below 1)."
     else:
         verdict = "Not established on this run: the 95% interval of the ratio includes 1."
     return f"{head} {verdict}"
