@@ -56,6 +56,8 @@ INPUT_THRESHOLDS = (1e-10, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 KS = (1, 5, 20)
 #: The headline states a verdict only with at least this many features on each side of the threshold.
 MIN_SIDE = 5
+#: The headline calls the gap real when it exceeds this many standard errors (95 %).
+Z95 = 1.96
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
 
@@ -543,11 +545,22 @@ def headline(summary: dict, threshold: float = 0.01) -> str:
         return (f"Too few features to test the claim: {int(t['n_above'])} at or above output score {threshold:g} and "
                 f"{int(t['n_below'])} below (at least {MIN_SIDE} on each side are needed); mean success@20 {t['mean_above']:.2f} vs "
                 f"{t['mean_below']:.2f}; Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
-    holds = t["mean_above"] > t["mean_below"] and (rho > 0 if math.isfinite(rho) else False)
-    verdict = "holds" if holds else "does not hold"
+    gap = t["mean_above"] - t["mean_below"]
+    se = math.hypot(t["sem_above"], t["sem_below"]) if math.isfinite(t["sem_above"]) and math.isfinite(t["sem_below"]) else math.nan
+    p_rho = summary.get("p_output_score_success_20", math.nan)
+    if math.isfinite(se) and gap > Z95 * se and rho > 0 and p_rho < 0.05:
+        verdict = "holds"
+    elif math.isfinite(se) and gap < -Z95 * se:
+        verdict = "does not hold (the difference goes the other way)"
+    elif gap > 0:
+        verdict = "is not established (the difference points the paper's way but is within noise)"
+    else:
+        verdict = "does not hold (no higher success above the threshold)"
+    se_txt = f" ± {se:.2f}" if math.isfinite(se) else ""
     return (f"The feature-level claim {verdict} on this run: features with output score >= {threshold:g} reach mean success@20 "
-            f"{t['mean_above']:.2f} (n={int(t['n_above'])}) against {t['mean_below']:.2f} (n={int(t['n_below'])}) below; "
-            f"Spearman rho of output score vs success@20 = {rho:.2f}, of input score = {rho_in:.2f}.")
+            f"{t['mean_above']:.2f} (n={int(t['n_above'])}) against {t['mean_below']:.2f} (n={int(t['n_below'])}) below, a gap of "
+            f"{gap:.2f}{se_txt} (SE); Spearman rho of output score vs success@20 = {rho:.2f} (p = {p_rho:.2g}), of input score = {rho_in:.2f}. "
+            f"It holds when the gap exceeds {Z95:g} SE and rho > 0 with p < 0.05.")
 
 
 # ---------------------------------------------------------------------------------------------------
