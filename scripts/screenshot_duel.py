@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshots" / "duel.png")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the app and the run")
     ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=2300, help="viewport height: Streamlit scrolls inside the page, so the shot is the viewport")
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -59,11 +60,16 @@ def main() -> int:
             ms = int(max(1.0, deadline - time.time()) * 1000)
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROME_ARGS, headless=True)
-                page = browser.new_page(viewport={"width": args.width, "height": 1000})
+                page = browser.new_page(viewport={"width": args.width, "height": args.height})
                 page.goto(url)
-                page.wait_for_selector("text=Verdict.", timeout=ms)
-                page.wait_for_selector("text=Strength strip", timeout=ms)
-                wait_until_still(page, deadline)
+                try:
+                    page.wait_for_selector("text=Verdict.", timeout=ms)
+                    page.wait_for_selector("text=Strength strip", state="attached", timeout=ms)  # two matches: one is hidden
+                    wait_until_still(page, deadline)
+                except Exception:
+                    page.screenshot(path=str(args.out.with_suffix(".timeout.png")), full_page=True)
+                    print("the duel did not finish in time; the page showed:\n" + page.inner_text("body")[-3000:], file=sys.stderr)
+                    raise
                 page.screenshot(path=str(args.out), full_page=True)
                 verdict = page.locator("p", has_text="Verdict.").first.inner_text()
                 browser.close()
