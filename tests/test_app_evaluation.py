@@ -24,7 +24,7 @@ from saesteer.ui.nav import PAGES as NAV
 PAGE = NAV["evaluation"].path
 RUN_SUBDIR = Path("eval") / "tiny-gemma3" / "tiny-topk-L2"  # where `eval` writes for the fixture's layer-2 SAE
 #: A concept-level run of the previous protocol, as shipped (packed; methods sae_output, sae_input, sae_random).
-SHIPPED_PREVIOUS = paths.EVAL_RESULTS / "gemma-3-270m" / "L8-topk64-w4096"
+SHIPPED_PREVIOUS = paths.EVAL_RESULTS / "gemma-3-270m" / "L5-topk64-w4096"  # L8 and L14 ship runs of the current protocol
 CONCEPT_FILES = ("meta.json", "units.parquet", "generations.parquet", "timings.jsonl", "summary.csv", "methods.csv", "units.csv")
 
 
@@ -351,3 +351,16 @@ def test_a_damaged_feature_run_is_reported_and_the_page_stays_up(cache, feature_
     next((dest / "units").glob("f*.parquet")).write_bytes(b"not parquet")
     at = open_page()
     assert any("could not be read" in w.value for w in at.warning)
+
+
+def test_shipped_runs_of_the_current_protocol_load_with_their_ratio():
+    """The concept-level runs shipped at L8 and L14 are of the current protocol, and their paper's ratio is the
+    one the README reports (recomputed here from the shipped generations)."""
+    from saesteer.evaluation.results import paired_ratio
+
+    for layer in (8, 14):
+        r = evaluate.load_results(paths.EVAL_RESULTS / "gemma-3-270m" / f"L{layer}-topk64-w4096")
+        assert not r.previous_protocol and {"sae_activation", "sae_output", "sae_filtered"} <= set(r.units["method"])
+    r = evaluate.load_results(paths.EVAL_RESULTS / "gemma-3-270m" / "L8-topk64-w4096")
+    ratio = paired_ratio(r.summary(), "sae_output", "sae_activation")
+    assert ratio.n == 18 and round(ratio.ratio, 2) == 0.56 and round(ratio.se, 2) == 0.18
