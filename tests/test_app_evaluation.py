@@ -306,7 +306,13 @@ def test_new_run_command_for_the_selected_sae():
     cmd = evaltables.new_run_command("google/gemma-2-2b", "release", "gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical", 20, "/c/f")
     assert cmd == ("python -m saesteer eval --model google/gemma-2-2b --sae gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical "
                    "--features /c/f --n-concepts 30")
-    assert evaltables.tokens_per_second(pd.DataFrame({"row_steps": [10, 30], "gen_seconds": [1.0, 1.0]})) == 20.0
+
+
+def test_decode_rate_is_the_recorded_steps_over_the_recorded_decode_time():
+    """Arithmetic over the numbers a run recorded in timings.jsonl (nothing is timed here): the page's rate is
+    the sum of row_steps over the sum of gen_seconds, and NaN without records."""
+    records = pd.DataFrame({"row_steps": [10, 30], "gen_seconds": [1.0, 1.0]})
+    assert evaltables.tokens_per_second(records) == records["row_steps"].sum() / records["gen_seconds"].sum()
     assert math.isnan(evaltables.tokens_per_second(pd.DataFrame()))
 
 
