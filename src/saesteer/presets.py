@@ -37,6 +37,7 @@ import torch
 
 from .baselines import mention_pattern
 from .config import LIVE_NEW_TOKENS, NEUTRAL_PROMPT, PAPER_TEMPERATURE, ConfigError
+from .duel import FLUENT, score
 from .evaluation import best_strength, default_concepts, eval_roots, repetition
 from .evaluation.candidates import FeatureBank, candidates_for
 from .models import LoadedModel
@@ -55,7 +56,7 @@ MIN_SEEDS_OK = 2
 MAX_REPETITION = 0.5
 """The evaluation's word-bigram repetition at or below which a text counts as not looping."""
 FALLBACK_STRENGTH = 2.0
-"""Used only when no grid amp mentions the word: the paper's median best factor on Gemma-2-2B."""
+"""Used only when no grid amp says the word fluently: the paper's median best factor on Gemma-2-2B."""
 N_PRESETS = 4
 OUTPUT_METHODS = ("sae_output", "output_pick")
 """Names the evaluation gives the output-score pick (older and newer result layouts)."""
@@ -152,8 +153,6 @@ def from_results(run: Path, bank: FeatureBank, tokenizer, n: int = N_PRESETS) ->
     out = summary[summary["method"] == method].set_index("concept")
     base = summary[summary["method"] == "unsteered"].set_index("concept")["concept_score"]
     rows = out.assign(gain=out["concept_score"] - base.reindex(out.index).fillna(0.0))
-    from .duel import FLUENT
-
     # the output pick mentioned the concept more than the unsteered model did, and its text stayed fluent
     rows = rows[(rows["gain"] > 0) & (rows["feature"] >= 0) & (rows["fluency"] >= FLUENT)].sort_values(["combined", "gain"], ascending=False, kind="stable")
     presets, seen = [], set()
@@ -238,7 +237,7 @@ class Calibration:
         grid = ", ".join(f"{a:g}" for a in self.texts)
         if self.ok:
             return (f"amp {self.strength:g}: the smallest of {grid} at which feature {self.feature} says “{self.word}” and stays "
-                    f"fluent (the duel's fluency >= 0.5) in {self.n_ok.get(self.strength, 0)} of {self.n_seeds} samples")
+                    f"fluent (the duel's fluency >= {FLUENT:g}) in {self.n_ok.get(self.strength, 0)} of {self.n_seeds} samples")
         return (f"amp {self.strength:g}: no amp of {grid} made feature {self.feature} say “{self.word}” fluently in "
                 f"{MIN_SEEDS_OK} of {self.n_seeds} samples (the paper's median factor instead)")
 
@@ -274,13 +273,11 @@ def calibrate(
 def _measure(lm: LoadedModel, sae: LoadedSae, feature: int, word: str, prompt: str, seed: int, grid: Sequence[float],
              max_new_tokens: int, fast: bool) -> Calibration:
     """Per seed one batch: the unsteered row, then one row per grid amp (every row sampled from that seed)."""
-    from .duel import FLUENT, score
-
     amps = [float(a) for a in grid]
     seeds = [seed + k for k in CALIBRATION_SEEDS]
     s = torch.tensor([[0.0]] + [[a] for a in amps], dtype=torch.float32)
     n_ok = {a: 0 for a in amps}
-    first: tuple[dict[float, str], dict[float, float]] | None = None
+    shown: tuple[dict[float, str], dict[float, float]] = ({}, {})  # the first seed's texts and fluency
     for sd in seeds:
         texts = generate(lm, [prompt] * len(s), sae=sae, features=[feature], strengths=s, max_new_tokens=max_new_tokens,
                          temperature=PAPER_TEMPERATURE, seed=[sd] * len(s), fast=fast)
@@ -289,8 +286,9 @@ def _measure(lm: LoadedModel, sae: LoadedSae, feature: int, word: str, prompt: s
         flu = {a: stats[f"amp {a:g}"].fluency for a in amps}
         for a in amps:
             n_ok[a] += bool(mentions_word(by_amp[a], word) and flu[a] >= FLUENT)
-        first = first or (by_amp, flu)
-    return _choose(feature, word, first[0], first[1], n_ok, len(seeds))
+        if sd == seeds[0]:
+            shown = (by_amp, flu)
+    return _choose(feature, word, *shown, n_ok, len(seeds))
 
 
 def _choose(feature: int, word: str, texts: dict[float, str], fluency: dict[float, float], n_ok: dict[float, int],

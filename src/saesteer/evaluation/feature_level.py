@@ -47,7 +47,7 @@ from ..models import LoadedModel
 from ..saes import LoadedSae
 from . import layout
 from .candidates import FeatureBank
-from .metrics import continuation_nll, fluency, ppl_factor, repetition
+from .metrics import Z95, continuation_nll, fluency, ppl_factor, repetition
 
 #: The paper's output-score thresholds (``plot.py``): 1e-10 … 1e-3, then 0.01 … 0.9.
 OUTPUT_THRESHOLDS = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9)
@@ -56,8 +56,6 @@ INPUT_THRESHOLDS = (1e-10, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 KS = (1, 5, 20)
 #: The headline states a verdict only with at least this many features on each side of the threshold.
 MIN_SIDE = 5
-#: The headline calls the gap real when it exceeds this many standard errors (95 %).
-Z95 = 1.96
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
 

@@ -17,6 +17,10 @@ from ..memory import for_each_batch
 from ..models import LoadedModel
 from ..text import whole_word
 
+#: Standard errors on each side of an estimate that make its 95% interval (normal approximation): the
+#: headlines of both experiments call a difference real only outside it.
+Z95 = 1.96
+
 METRICS = ("concept_score", "mentions", "success_k", "fluency", "ppl", "repetition", "combined")
 
 

@@ -11,14 +11,13 @@ import pandas as pd
 
 from . import layout
 from .params import KNOWN_METHODS, KNOWN_SAE_METHODS
+from .metrics import Z95  # the headline calls a ratio established when ratio ± Z95 standard errors excludes 1
 from .results import EvalResults, Ratio, method_table, strength_curves
 
 _COLORS = {
     "sae_activation": "#1f77b4", "sae_output": "#d62728", "sae_filtered": "#8c564b", "sae_input": "#17becf",
     "sae_random": "#7f7f7f", "diffmean": "#2ca02c", "lora": "#9467bd", "prompt": "#ff7f0e", "unsteered": "#000000",
 }
-#: The headline calls a ratio established when its 95% interval (ratio ± 1.96 standard errors) excludes 1.
-Z95 = 1.96
 RATIO_NAMES = {"sae_filtered": "output-filtered features", "sae_output": "the output-score pick"}
 #: The verb's form for each subject (plural "features", singular "pick").
 _STEER = {"sae_filtered": "steer", "sae_output": "steers"}
