@@ -15,6 +15,9 @@ measures them and recomputes the shipped feature data. Every stage resumes where
 
     python scripts/rebuild_bundle.py --init DIR_OF_THE_FIRST_BUILD [--stages collect,train,measure,features]
 
+``--stages collect,features --layers 5,8,11,14,17 --tokens 1097280`` recomputes only the feature data of those
+layers from a longer activation pass (how L5–L17 got their 1,097,280-token input scores).
+
 ``--layers 2`` redoes some layers only: their manifest entries are replaced, the others kept (how L2 was refined
 on more tokens with a longer dead-latent window; see the manifest's per-SAE ``training``).
 """
@@ -77,6 +80,9 @@ def main() -> None:
     ap.add_argument("--layers", default=",".join(map(str, LAYERS)), help="comma-separated subset of the bundled layers to rebuild")
     ap.add_argument("--dead-window-tokens", type=int, default=None,
                     help="tokens a latent may go without firing before the AuxK loss counts it dead (default: a tenth of the run)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="train the layers from sae-lens' random TopK init on the centred residuals instead of fine-tuning --init "
+                         "(--init still gives the 'before' diagnostics)")
     ap.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}, or all")
     ap.add_argument("--keep", type=int, default=20, help="top contexts kept per feature in the shipped feature data")
     ap.add_argument("--window", type=int, default=16, help="tokens per shipped context window")
@@ -105,16 +111,17 @@ def main() -> None:
         if not train_ids.exists():
             np.save(train_ids, tokenize_corpus(lm.tokenizer, iter_bundled("train"), args.tokens, params.context_size))
             np.save(held_ids, tokenize_corpus(lm.tokenizer, iter_bundled("heldout"), args.heldout_tokens, params.context_size))
-        n_held = collect_activations_from_ids(lm, np.load(held_ids), list(layers), work / "acts_heldout")
+        if "measure" in stages:  # held-out residuals only serve the measure stage (a features-only run skips them)
+            timings["heldout_tokens"] = collect_activations_from_ids(lm, np.load(held_ids), list(layers), work / "acts_heldout")
         n_train = collect_activations_from_ids(lm, np.load(train_ids), list(layers), work / "acts_train")
         timings.setdefault("collect_s", round(time.time() - t0, 1))
-        timings.update(train_tokens=n_train, heldout_tokens=n_held)
+        timings.update(train_tokens=n_train)
         timings_path.write_text(json.dumps(timings, indent=1))
 
     trained_dir = work / "saes"
     if "train" in stages:
         t0 = time.time()
-        shipped = {l: _load_dir(args.init / sae_id_for(l, params.width, params.k)) for l in layers}
+        shipped = {l: None if args.from_scratch else _load_dir(args.init / sae_id_for(l, params.width, params.k)) for l in layers}
         def first_shards(layer: int) -> torch.Tensor:
             files = sorted(p for p in (work / "acts_train" / f"L{layer}").glob("*.npy") if not p.name.endswith(".tmp.npy"))
             if len(files) < args.train_shards:
@@ -152,7 +159,7 @@ def main() -> None:
                 "rebuild": info[str(l)],
                 "training": {"tokens": timings.get("train_tokens_used"), "epochs": args.epochs, "lr": args.lr,
                              "dead_window_tokens": args.dead_window_tokens, "train_s": timings.get("train_s"),
-                             "init": str(args.init)},
+                             "init": "from scratch (sae-lens TopK init)" if args.from_scratch else str(args.init)},
             })
             print(f"L{l}: {after.summary()}  (before: {before.summary()})", flush=True)
         manifest = {

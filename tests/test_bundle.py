@@ -165,3 +165,27 @@ def test_finetune_moves_the_shared_part_into_the_bias(tmp_path):
     before = diagnose(LoadedSae(sae=shipped, id="toy0", hook_name="blocks.1.hook_resid_post", layer=1), x)
     assert before.peak_is_dense == 1.0 and before.dense_latents[0].latent == 0
     assert (tmp_path / "L1-topk4-w32" / "cfg.json").exists()
+
+
+def test_training_from_scratch_on_centred_residuals_keeps_the_shared_part_in_the_bias(tmp_path):
+    """``shipped[L] = None`` trains from sae-lens' random TopK init on the same centred residuals: no latent is
+    dense, the shared direction ends in b_dec, and the info says the layer was not initialised from a shipped SAE."""
+    from saesteer.bundle import finetune_saes, reconstruction_metrics
+    from saesteer.diagnostics import diagnose
+    from saesteer.saes import LoadedSae
+
+    g = torch.Generator().manual_seed(1)
+    d, n_atoms, n = 16, 24, 6000
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    shared = 30 * torch.ones(d) / d ** 0.5
+    codes = (torch.rand(n, n_atoms, generator=g) < 3 / n_atoms) * torch.rand(n, n_atoms, generator=g) * 3
+    x = shared + codes @ atoms
+    params = TrainParams(layers=(1,), width=32, k=4, tokens=n, epochs=6.0, context_size=32, batch_size=256, lr=3e-3)
+    trained, info = finetune_saes(lambda layer: x.clone(), {1: None}, params, tmp_path, "toy", density_tokens=n)
+    assert info[1]["init"].endswith("(from scratch)") and info[1]["reinitialised_latents"] == []
+    sae = trained[1]
+    diag = diagnose(LoadedSae(sae=sae, id="toy", hook_name="blocks.1.hook_resid_post", layer=1), x)
+    assert diag.n_dense == 0 and diag.peak_is_dense < 0.1, diag
+    assert torch.allclose(sae.b_dec.float(), shared, atol=0.5)
+    assert reconstruction_metrics(sae, x)["fve"] > 0.5  # it learned the atoms, not only the centre

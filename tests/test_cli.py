@@ -150,6 +150,26 @@ def test_steer_needs_an_sae(env, capsys):
 
 
 @pytest.mark.parametrize("flag", ["--save", "--out"])
+def test_scores_one_sae_unwritable_output_is_one_clear_line(env, capsys, tmp_path, monkeypatch, flag):
+    """The single-SAE path, as the many-SAE one: a --save or --out that cannot be written is one error line naming
+    the path (no traceback), and a rerun to a writable path succeeds."""
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    blocked = tmp_path / "taken.csv"
+    if flag == "--save":
+        blocked.write_text("a file where the directory should go")
+    else:
+        blocked.mkdir()  # a directory where the table file should go
+    base = ["scores", "--layer", "2", "--only", "output"]
+    assert main([*base, flag, str(blocked)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {flag}: could not write {blocked} (") and "Traceback" not in "\n".join(err)
+    assert "the scores are computed and in the feature cache" in err[-1]
+    ok = tmp_path / ("saved" if flag == "--save" else "table.csv")
+    assert main([*base, flag, str(ok)]) == 0
+    assert (ok / "table.parquet").exists() if flag == "--save" else ok.read_text().startswith("feature,")
+
+
+@pytest.mark.parametrize("flag", ["--save", "--out"])
 def test_scores_many_unwritable_output_is_one_clear_line(env, capsys, tmp_path, monkeypatch, flag):
     """A --save or --out that cannot be written after the job ran: one error line naming the path, saying the
     scores are cached; a rerun to a writable path reads them from the cache."""

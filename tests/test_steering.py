@@ -563,3 +563,13 @@ def test_sample_until_stop_refuses_features_without_an_sae(tiny_lm):
                                        temperature=0.7, max_new_tokens=3)
     assert len(plain) == 1 and len(plain[0]) <= 3  # no features and no SAE: an unsteered sample
     assert_no_hooks(tiny_lm)
+
+
+def test_sample_until_stop_refuses_a_feature_the_sae_lacks_before_decoding(tiny_lm, tiny_sae):
+    """A feature id beyond the SAE's width is named with the allowed range, as generate and the CLI name it, and no
+    hook is left behind."""
+    width = tiny_sae.width
+    with pytest.raises(Exception, match=f"feature {width} is out of range for SAE '{tiny_sae.id}': use an integer from 0 to {width - 1}"):
+        steering.sample_until_stop(tiny_lm, ["the sea"], sae=tiny_sae, features=[3, width], strengths=torch.tensor([[4.0, 1.0]]),
+                                   seeds=[0], temperature=0.7, max_new_tokens=3)
+    assert_no_hooks(tiny_lm)

@@ -449,7 +449,7 @@ def init_from_shipped(train_sae, shipped, centre: torch.Tensor, scale: float, de
 
 def finetune_saes(
     load_layer: Callable[[int], torch.Tensor],
-    shipped: dict[int, object],
+    shipped: dict[int, object | None],
     params,
     out: Path,
     model_name: str,
@@ -464,6 +464,7 @@ def finetune_saes(
     the shipped SAE with density > ``dense_threshold`` on the first ``density_tokens`` training tokens are
     re-initialised, the rest start from their shipped weights (:func:`init_from_shipped`). After training,
     sae-lens' ``fold_activation_norm_scaling_factor`` and ``b_dec += centre`` give an SAE on raw residuals.
+    ``shipped[L] = None`` trains layer L from scratch on the same centred residuals (sae-lens' own TopK init).
     ``load_layer(L)`` returns layer L's raw training residuals (tokens, d_model); layers are loaded one at a time
     and kept only as centred fp16 copies. ``dead_window_tokens``: how many training tokens a latent may go without
     firing before the AuxK loss treats it as dead (default: a tenth of the run). A short window on a short run
@@ -484,7 +485,8 @@ def finetune_saes(
         x = load_layer(layer)
         n_tokens = len(x)
         centre, scale = centring_stats(x)
-        density = latent_density(shipped[layer], x[:density_tokens])
+        scratch = shipped[layer] is None
+        density = torch.zeros(params.width, dtype=torch.float64) if scratch else latent_density(shipped[layer], x[:density_tokens])
         dense = density > dense_threshold
         cfg = TopKTrainingSAEConfig(
             d_in=x.shape[1], d_sae=params.width, k=params.k, device="cpu", normalize_activations="none",
@@ -492,12 +494,13 @@ def finetune_saes(
                                  prepend_bos=True, dataset_path="saesteer bundled corpus"),
         )
         sae = TopKTrainingSAE(cfg)
-        init_from_shipped(sae, shipped[layer], centre, scale, dense, params.seed + layer)
+        if not scratch:
+            init_from_shipped(sae, shipped[layer], centre, scale, dense, params.seed + layer)
         saes[name] = sae
         data[tl_hook_name(layer)] = centred_scaled(x, centre, scale)
         centres[layer] = centre
         info[layer] = {
-            "centre_norm": float(centre.norm()), "scale": scale,
+            "centre_norm": float(centre.norm()), "scale": scale, "init": "sae-lens TopK init (from scratch)" if scratch else "shipped",
             "reinitialised_latents": [int(i) for i in torch.nonzero(dense).flatten()],
             "reinitialised_densities": [round(float(density[i]), 4) for i in torch.nonzero(dense).flatten()],
         }

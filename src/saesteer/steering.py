@@ -408,9 +408,12 @@ Seeds = int | Sequence[int]
 
 
 def _require_sae(sae: LoadedSae | None, features: Sequence[int]) -> None:
-    """Features steer along an SAE's decoder directions: refuse them without one (never drop them silently)."""
+    """Features steer along an SAE's decoder directions: refuse them without one (never drop them silently),
+    and refuse ids the SAE does not have (naming the first and the allowed range) before any decoding."""
     if len(features) and sae is None:
         raise ConfigError("features were given without an SAE to take their directions from")
+    for f in features if sae is not None else ():
+        sae.check_feature(f)
 
 
 def _seed_list(seed: Seeds, batch: int) -> list[int] | None:
@@ -780,9 +783,6 @@ def _stream_rows(
 
 def _check_stream_args(sae: LoadedSae | None, params: SteerParams) -> None:
     _require_sae(sae, params.features)
-    if sae is not None:
-        for f in params.features:
-            sae.check_feature(f)
 
 
 def stream(lm: LoadedModel, prompt: str, *, sae: LoadedSae | None = None, params: SteerParams, fast: bool = False) -> Iterator[str]:
@@ -862,9 +862,6 @@ def stream_rows(
     """
     features = tuple(int(f) for f in features)
     _require_sae(sae, features)
-    if sae is not None:
-        for f in features:
-            sae.check_feature(f)
     s = strength_tensor(strengths, len(features))
     if s.ndim != 2 or s.shape[0] < 1:
         raise ConfigError(f"stream_rows needs a (rows, n_features) tensor of strengths, got shape {tuple(s.shape)}")

@@ -168,14 +168,19 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bars.close()
 
+    from .scores_many import write_failed
+
     table = data.table
     if args.save:
-        data.save(args.save)
+        try:
+            data.save(args.save)
+        except OSError as exc:
+            return write_failed("--save", args.save, exc, args.no_cache)
     if args.out:
-        if args.out.endswith(".csv"):
-            table.to_csv(args.out, index=False)
-        else:
-            table.to_parquet(args.out, index=False)
+        try:
+            table.to_csv(args.out, index=False) if args.out.endswith(".csv") else table.to_parquet(args.out, index=False)
+        except OSError as exc:
+            return write_failed("--out", args.out, exc, args.no_cache)
         print(f"wrote {len(table)} features of SAE '{sae.id}' (layer {sae.layer}) to {args.out}")
         return 0
     sort_by = "input_score" if args.only == "input" else "output_score"

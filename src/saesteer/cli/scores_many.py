@@ -138,20 +138,20 @@ def run_many(args: argparse.Namespace) -> int:
             try:
                 data.save(target)
             except OSError as exc:
-                return _write_failed("--save", target, exc, args.no_cache)
+                return write_failed("--save", target, exc, args.no_cache)
     if args.out:
         table = pd.concat(tables, ignore_index=True)
         table = table[["sae", "layer", *[c for c in table.columns if c not in ("sae", "layer")]]]
         try:
             table.to_csv(args.out, index=False) if args.out.endswith(".csv") else table.to_parquet(args.out, index=False)
         except OSError as exc:
-            return _write_failed("--out", args.out, exc, args.no_cache)
+            return write_failed("--out", args.out, exc, args.no_cache)
         print(f"wrote {len(table)} features of {len(saes)} SAE(s) to {args.out}")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
-def _write_failed(flag: str, path, exc: OSError, no_cache: bool) -> int:
+def write_failed(flag: str, path, exc: OSError, no_cache: bool) -> int:
     """The one-line error for an output that could not be written after the job ran."""
     again = ("--no-cache: nothing was cached, so a rerun computes the scores again" if no_cache else
              "the scores are computed and in the feature cache: rerun with a writable path to write them without recomputing")
