@@ -260,6 +260,16 @@ def test_params_and_sample():
         sample_features(10, FeatureLevelParams(features=(12,)))
 
 
+def test_units_fill_one_decode_call_unless_told_otherwise():
+    # 12 amps x 2 prefixes = 24 rows a feature: a 384-row call holds 16 features; one feature when a call is smaller
+    assert FeatureLevelParams(n_prefixes=2).unit_size == 16
+    assert FeatureLevelParams(n_prefixes=50, batch_size=100).unit_size == 1
+    assert FeatureLevelParams(n_prefixes=2, features_per_unit=3).unit_size == 3
+    assert "features_per_unit" not in FeatureLevelParams().key()  # a resume accepts any unit size
+    with pytest.raises(ConfigError, match="features_per_unit"):
+        FeatureLevelParams(features_per_unit=0)
+
+
 def test_statistics_against_direct_computation():
     rng = np.random.default_rng(0)
     out = 10.0 ** rng.uniform(-9, 0, 60)

@@ -67,6 +67,7 @@ def test_embedded_model_loads_and_steers(embedded_lm):
 
     from saesteer import saes
     from saesteer.config import SaeSpec
+    from saesteer.config import MAX_ABS_STRENGTH
     from saesteer.steering import capture_residuals, generate, steer
 
     d = embedded_lm.describe()
@@ -96,7 +97,9 @@ def test_embedded_model_loads_and_steers(embedded_lm):
         assert err <= 1e-5 * expected.abs().max().item()
     zero = generate(embedded_lm, prompt, sae=sae, features=[feature], strengths=[0.0], max_new_tokens=8)[0]
     assert zero == base
-    pushed = generate(embedded_lm, prompt, sae=sae, features=[feature], strengths=[200.0], mode="additive", max_new_tokens=8)[0]
+    push = MAX_ABS_STRENGTH  # the largest push allowed, along a unit decoder row: about the residual's own norm at L2
+    assert push >= 0.5 * float(x.norm())
+    pushed = generate(embedded_lm, prompt, sae=sae, features=[feature], strengths=[push], mode="additive", max_new_tokens=8)[0]
     assert pushed != base
     for module in embedded_lm.model.modules():
         assert not module._forward_hooks

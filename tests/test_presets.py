@@ -216,8 +216,8 @@ def test_presets_and_the_lab_default_say_their_word_or_say_that_they_cannot():
     default strength (as the lab and the duel start: neutral prompt, temperature 0.7, 32 new tokens, the bf16 copy
     on a CPU), mention the feature's top word with word-bigram repetition <= 0.5 and the duel's fluency >= 0.5,
     in most of the calibration seeds, in the lab's own batch shape. Where the calibration found no such amp, the
-    default must be the fallback and say so (the README reports which presets: on the shipped L2, "ocean" f998
-    says sea/water/river but not "ocean" fluently at any grid amp). Checked at the layer the app opens on."""
+    default must be the fallback and say so (the README reports which presets: on the shipped L2, "river" f2386
+    does not say "river" fluently in 2 of 3 samples at any grid amp). Checked at the layer the app opens on."""
     from saesteer.config import SaeSpec
     from saesteer.features import FeatureData
     from saesteer.paths import bundled_feature_dir

@@ -93,17 +93,20 @@ class FeatureLevelParams:
     """n of the repeated-n-gram measure."""
     batch_size: int = 384
     """Most rows per decode call (results do not depend on it; out of memory it is halved)."""
-    features_per_unit: int = 4
-    """Features per saved unit (results do not depend on it; a resume skips the finished features, whatever the
-    size of the units they were saved in)."""
+    features_per_unit: int | None = None
+    """Features per saved unit; by default as many as fill one decode call (``batch_size`` // (amps × prefixes),
+    at least 1: small calls are several times slower per token on a CPU). Results do not depend on it; a resume
+    skips the finished features, whatever the size of the units they were saved in."""
 
     def __post_init__(self) -> None:
         if not self.amps or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a <= MAX_ABS_STRENGTH for a in self.amps):
             raise ConfigError(f"amps must be numbers in (0, {MAX_ABS_STRENGTH:g}], got {self.amps!r}")
         if len(set(self.amps)) != len(self.amps):
             raise ConfigError(f"amps must not repeat, got {self.amps!r}")
-        for name in ("n_features", "n_prefixes", "max_new_tokens", "batch_size", "features_per_unit", "rep_n"):
+        for name in ("n_features", "n_prefixes", "max_new_tokens", "batch_size", "rep_n"):
             check_whole(name, getattr(self, name))
+        if self.features_per_unit is not None:
+            check_whole("features_per_unit", self.features_per_unit)
         if self.n_prefixes > 50:
             raise ConfigError(f"n_prefixes must be at most 50 (the paper's prefixes), got {self.n_prefixes}")
         if not self.temperature > 0 or not math.isfinite(self.temperature):
@@ -114,6 +117,13 @@ class FeatureLevelParams:
             raise ConfigError("features must be a non-empty list of distinct feature ids")
         if not self.ppl_max > 1:
             raise ConfigError(f"ppl_max must be > 1, got {self.ppl_max!r}")
+
+    @property
+    def unit_size(self) -> int:
+        """Features per saved unit: ``features_per_unit``, else as many as fill one decode call."""
+        if self.features_per_unit is not None:
+            return self.features_per_unit
+        return max(1, self.batch_size // (len(self.amps) * self.n_prefixes))
 
     def key(self) -> dict:
         """The settings that must match to resume a run."""
@@ -321,7 +331,7 @@ class FeatureLevelRun:
         # Resume per feature, not per unit: the units of an earlier run may have had another size.
         finished = finished_features(self.out)
         todo = [f for f in self.features if f not in finished]
-        step = self.params.features_per_unit
+        step = self.params.unit_size
         units = [todo[i: i + step] for i in range(0, len(todo), step)]
         done = len(self.features) - len(todo)
         if progress:
