@@ -159,7 +159,7 @@ def main() -> None:
                 "rebuild": info[str(l)],
                 "training": {"tokens": timings.get("train_tokens_used"), "epochs": args.epochs, "lr": args.lr,
                              "dead_window_tokens": args.dead_window_tokens, "train_s": timings.get("train_s"),
-                             "init": "from scratch (sae-lens TopK init)" if args.from_scratch else str(args.init)},
+                             "init": info[str(l)]["init"] if args.from_scratch else str(args.init)},
             })
             print(f"L{l}: {after.summary()}  (before: {before.summary()})", flush=True)
         manifest = {

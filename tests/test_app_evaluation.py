@@ -312,7 +312,7 @@ def test_decode_rate_is_the_recorded_steps_over_the_recorded_decode_time():
     """Arithmetic over the numbers a run recorded in timings.jsonl (nothing is timed here): the page's rate is
     the sum of row_steps over the sum of gen_seconds, and NaN without records."""
     records = pd.DataFrame({"row_steps": [10, 30], "gen_seconds": [1.0, 1.0]})
-    assert evaltables.tokens_per_second(records) == records["row_steps"].sum() / records["gen_seconds"].sum()
+    assert evaltables.tokens_per_second(records) == 20.0  # (10 + 30) steps / (1 + 1) s
     assert math.isnan(evaltables.tokens_per_second(pd.DataFrame()))
 
 

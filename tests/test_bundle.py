@@ -131,6 +131,17 @@ def test_init_from_shipped_reinitialises_only_the_dense_latents():
     assert torch.equal(sae.W_enc[:, dense], sae.W_dec[dense].T) and torch.all(sae.b_enc[dense] == 0)
 
 
+def _shared_plus_atoms(seed: int, d: int = 16, n_atoms: int = 24, n: int = 6000):
+    """Toy residuals: a large shared vector (Gemma 3's massive dimensions in miniature) plus about three of
+    ``n_atoms`` unit atoms per token. Returns (x, atoms, shared)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    shared = 30 * torch.ones(d) / d ** 0.5
+    codes = (torch.rand(n, n_atoms, generator=g) < 3 / n_atoms) * torch.rand(n, n_atoms, generator=g) * 3
+    return shared + codes @ atoms, atoms, shared
+
+
 def test_finetune_moves_the_shared_part_into_the_bias(tmp_path):
     """A planted bias-like latent (decoder along the shared direction, always firing) is re-initialised and the
     fine-tuned SAE's peak latent is a sparse one, with the shared direction in b_dec."""
@@ -138,13 +149,8 @@ def test_finetune_moves_the_shared_part_into_the_bias(tmp_path):
     from saesteer.diagnostics import diagnose
     from saesteer.saes import LoadedSae
 
-    g = torch.Generator().manual_seed(0)
-    d, n_atoms, n = 16, 24, 6000
-    atoms = torch.randn(n_atoms, d, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    shared = 30 * torch.ones(d) / d ** 0.5
-    codes = (torch.rand(n, n_atoms, generator=g) < 3 / n_atoms) * torch.rand(n, n_atoms, generator=g) * 3
-    x = shared + codes @ atoms  # (n, d)
+    x, atoms, shared = _shared_plus_atoms(seed=0)
+    d, n_atoms, n = x.shape[1], len(atoms), len(x)
     shipped = _shipped_topk(d_in=d, d_sae=32, k=4)
     with torch.no_grad():  # latent 0 carries the shared part at every token; the others are the atoms, whose
         shipped.W_dec[:n_atoms] = atoms  # encoder bias cancels the shared part, as a trained SAE's does
@@ -174,13 +180,8 @@ def test_training_from_scratch_on_centred_residuals_keeps_the_shared_part_in_the
     from saesteer.diagnostics import diagnose
     from saesteer.saes import LoadedSae
 
-    g = torch.Generator().manual_seed(1)
-    d, n_atoms, n = 16, 24, 6000
-    atoms = torch.randn(n_atoms, d, generator=g)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    shared = 30 * torch.ones(d) / d ** 0.5
-    codes = (torch.rand(n, n_atoms, generator=g) < 3 / n_atoms) * torch.rand(n, n_atoms, generator=g) * 3
-    x = shared + codes @ atoms
+    x, _, shared = _shared_plus_atoms(seed=1)
+    n = len(x)
     params = TrainParams(layers=(1,), width=32, k=4, tokens=n, epochs=6.0, context_size=32, batch_size=256, lr=3e-3)
     trained, info = finetune_saes(lambda layer: x.clone(), {1: None}, params, tmp_path, "toy", density_tokens=n)
     assert info[1]["init"].endswith("(from scratch)") and info[1]["reinitialised_latents"] == []

@@ -149,21 +149,32 @@ def test_steer_needs_an_sae(env, capsys):
     assert "give --layer L" in capsys.readouterr().err
 
 
+def _unwritable(tmp_path, flag: str):
+    """A path ``flag`` cannot write: a file where --save's directory should go, a directory where --out's table should."""
+    blocked = tmp_path / "taken.csv"
+    if flag == "--save":
+        blocked.write_text("a file where the directory should go")
+    else:
+        blocked.mkdir()
+    return blocked
+
+
+def _assert_one_write_error(capsys, flag: str, path) -> None:
+    """The write failure is one error line naming the flag and the path, saying the scores are cached, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {flag}: could not write {path} (") and "Traceback" not in "\n".join(err)
+    assert "the scores are computed and in the feature cache" in err[-1]
+
+
 @pytest.mark.parametrize("flag", ["--save", "--out"])
 def test_scores_one_sae_unwritable_output_is_one_clear_line(env, capsys, tmp_path, monkeypatch, flag):
     """The single-SAE path, as the many-SAE one: a --save or --out that cannot be written is one error line naming
     the path (no traceback), and a rerun to a writable path succeeds."""
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
-    blocked = tmp_path / "taken.csv"
-    if flag == "--save":
-        blocked.write_text("a file where the directory should go")
-    else:
-        blocked.mkdir()  # a directory where the table file should go
+    blocked = _unwritable(tmp_path, flag)
     base = ["scores", "--layer", "2", "--only", "output"]
     assert main([*base, flag, str(blocked)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {flag}: could not write {blocked} (") and "Traceback" not in "\n".join(err)
-    assert "the scores are computed and in the feature cache" in err[-1]
+    _assert_one_write_error(capsys, flag, blocked)
     ok = tmp_path / ("saved" if flag == "--save" else "table.csv")
     assert main([*base, flag, str(ok)]) == 0
     assert (ok / "table.parquet").exists() if flag == "--save" else ok.read_text().startswith("feature,")
@@ -174,18 +185,11 @@ def test_scores_many_unwritable_output_is_one_clear_line(env, capsys, tmp_path, 
     """A --save or --out that cannot be written after the job ran: one error line naming the path, saying the
     scores are cached; a rerun to a writable path reads them from the cache."""
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
-    blocked = tmp_path / "taken.csv"
-    if flag == "--save":
-        blocked.write_text("a file where the directory should go")
-        target = blocked / "tiny-L2"
-    else:
-        blocked.mkdir()  # a directory where the table file should go
-        target = blocked
+    blocked = _unwritable(tmp_path, flag)
+    target = blocked / "tiny-L2" if flag == "--save" else blocked
     base = ["scores", "--layers", "2", "--only", "output"]
     assert main([*base, flag, str(blocked)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {flag}: could not write {target} (") and "Traceback" not in "\n".join(err)
-    assert "the scores are computed and in the feature cache" in err[-1]
+    _assert_one_write_error(capsys, flag, target)
     ok = tmp_path / ("saved" if flag == "--save" else "table.csv")
     assert main([*base, flag, str(ok)]) == 0
     assert (ok / "tiny-L2" / "table.parquet").exists() if flag == "--save" else ok.read_text().startswith("sae,layer,")

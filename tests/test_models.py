@@ -66,8 +66,7 @@ def test_embedded_model_loads_and_steers(embedded_lm):
     from saesteer.testing import make_tiny_sae
 
     from saesteer import saes
-    from saesteer.config import SaeSpec
-    from saesteer.config import MAX_ABS_STRENGTH
+    from saesteer.config import MAX_ABS_STRENGTH, SaeSpec
     from saesteer.steering import capture_residuals, generate, steer
 
     d = embedded_lm.describe()

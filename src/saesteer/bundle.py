@@ -447,6 +447,10 @@ def init_from_shipped(train_sae, shipped, centre: torch.Tensor, scale: float, de
         train_sae.b_enc[idx] = 0.0
 
 
+SCRATCH_INIT = "sae-lens TopK init (from scratch)"
+"""How a layer trained with ``shipped[L] = None`` was initialised (the manifest's ``rebuild.init``/``training.init``)."""
+
+
 def finetune_saes(
     load_layer: Callable[[int], torch.Tensor],
     shipped: dict[int, object | None],
@@ -500,7 +504,7 @@ def finetune_saes(
         data[tl_hook_name(layer)] = centred_scaled(x, centre, scale)
         centres[layer] = centre
         info[layer] = {
-            "centre_norm": float(centre.norm()), "scale": scale, "init": "sae-lens TopK init (from scratch)" if scratch else "shipped",
+            "centre_norm": float(centre.norm()), "scale": scale, "init": SCRATCH_INIT if scratch else "shipped",
             "reinitialised_latents": [int(i) for i in torch.nonzero(dense).flatten()],
             "reinitialised_densities": [round(float(density[i]), 4) for i in torch.nonzero(dense).flatten()],
         }

@@ -781,10 +781,6 @@ def _stream_rows(
     return pieces()
 
 
-def _check_stream_args(sae: LoadedSae | None, params: SteerParams) -> None:
-    _require_sae(sae, params.features)
-
-
 def stream(lm: LoadedModel, prompt: str, *, sae: LoadedSae | None = None, params: SteerParams, fast: bool = False) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text increments, one token at a time (greedy or sampled).
 
@@ -795,7 +791,7 @@ def stream(lm: LoadedModel, prompt: str, *, sae: LoadedSae | None = None, params
     has released the lock. A caller that already holds ``lm.lock`` gets the tokens decoded in its own
     thread instead (a worker would wait for that lock forever). ``fast``: see :func:`generate`.
     """
-    _check_stream_args(sae, params)
+    _require_sae(sae, params.features)
     ids = encode_prompts(lm, [prompt], params.max_prompt_tokens, params.max_new_tokens)
     rows = _stream_rows(
         lm, ids, sae=sae, features=params.features, strengths=params.strengths, params=params, seed=params.seed, fast=fast
@@ -824,7 +820,7 @@ def stream_pair(
     these equal each row decoded alone. With ``fast`` both rows use the bf16 copy (:func:`fast_model`).
     Threading, early close and a held ``lm.lock`` behave as in :func:`stream`.
     """
-    _check_stream_args(sae, params)
+    _require_sae(sae, params.features)
     ids = encode_prompts(lm, [prompt], params.max_prompt_tokens, params.max_new_tokens) * 2
     rows = _stream_rows(
         lm, ids, sae=sae, features=params.features, strengths=pair_strengths(params), params=params,

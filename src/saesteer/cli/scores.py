@@ -57,6 +57,13 @@ def parse_features(text: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def write_failed(flag: str, path, exc: OSError, no_cache: bool) -> int:
+    """The one-line error for an output that could not be written after the job ran."""
+    again = ("--no-cache: nothing was cached, so a rerun computes the scores again" if no_cache else
+             "the scores are computed and in the feature cache: rerun with a writable path to write them without recomputing")
+    return fail(f"{flag}: could not write {path} ({exc.__class__.__name__}: {exc.strerror or exc}); {again}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags that need no model (``--tokens``, ``--context-size``, ``--out``, the score parameters)."""
     from ..config import ConfigError, ScoreParams
@@ -167,8 +174,6 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"out of memory ({exc.__class__.__name__}): {HINT}")
         finally:
             bars.close()
-
-    from .scores_many import write_failed
 
     table = data.table
     if args.save:

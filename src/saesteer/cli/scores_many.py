@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from . import USER_ERRORS, fail, model_spec_from_args
+from .scores import write_failed
 
 
 def parse_layers(text: str) -> list[int]:
@@ -149,10 +150,3 @@ def run_many(args: argparse.Namespace) -> int:
         print(f"wrote {len(table)} features of {len(saes)} SAE(s) to {args.out}")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
-
-
-def write_failed(flag: str, path, exc: OSError, no_cache: bool) -> int:
-    """The one-line error for an output that could not be written after the job ran."""
-    again = ("--no-cache: nothing was cached, so a rerun computes the scores again" if no_cache else
-             "the scores are computed and in the feature cache: rerun with a writable path to write them without recomputing")
-    return fail(f"{flag}: could not write {path} ({exc.__class__.__name__}: {exc.strerror or exc}); {again}")
