@@ -272,6 +272,26 @@ def test_each_page_runs_on_its_own(fixture_env, page):
     assert at.sidebar.selectbox(key="sb_sae_ref") is not None
 
 
+def test_the_sidebar_opens_on_the_sae_marked_to_open_and_a_link_still_wins(fixture_env, monkeypatch):
+    """The bundled picker starts on the SAE whose preset search found most presets (``SaeChoice.opens``, set by
+    ``loaders.sae_choices`` from ``presets.opening_sae``); a layer in the link still decides."""
+    from dataclasses import replace
+
+    from saesteer.ui.sources import TinySources
+
+    real = TinySources.sae_choices
+
+    def marked(self, *args, **kwargs):
+        return [replace(c, opens=c.layer == 2) for c in real(self, *args, **kwargs)]
+
+    monkeypatch.setattr(TinySources, "sae_choices", marked)
+    at = app().run()
+    no_exception(at)
+    assert at.sidebar.selectbox(key="sb_sae_ref").value == "tiny-topk-L2"
+    at = app(layer="3").run()
+    assert at.sidebar.selectbox(key="sb_sae_ref").value == "tiny-topk-L3"
+
+
 def test_layer_picker_switches_sae_and_overview_shows_all_layers(fixture_env):
     at = app().run()
     at.switch_page(NAV["layers"].path).run()

@@ -656,3 +656,29 @@ def test_app_out_of_memory_in_a_feature_job_is_an_error_not_a_crash(real_tiny, m
     no_exception(at)
     assert any("The last computation failed" in e.value and "out of memory even at batch size 1 (features" in e.value for e in at.error)
     assert at.button(key="cp_start")
+
+
+def test_cli_presets_writes_the_search_resumes_it_and_keeps_a_finished_one(cli, capsys, monkeypatch):
+    from saesteer import presets
+    from saesteer.paths import presets_file
+
+    tmp = cli["tmp"]
+    # the random tiny SAE has no concept whose output pick says it: give the search three, and no model time
+    monkeypatch.setattr(presets, "search_candidates", lambda bank, tok, concepts=None, pool=300: [(w, i, w, 0.5) for i, w in enumerate(("alpha", "beta", "gamma"))])
+    monkeypatch.setattr(presets, "calibrate", lambda lm, sae, fs, ws, **kw: [
+        presets.Calibration(int(f), w, presets.FALLBACK_STRENGTH, False, {1.0: ""}, {1.0: 0.0}, {1.0: 0}, 3) for f, w in zip(fs, ws)])
+    assert main(["scores", "--layer", "2", "--only", "output", "--no-cache", "--save", str(tmp / "data"), "--out", str(tmp / "s.csv")]) == 0
+    argv = ["presets", "--layer", "2", "--features", str(tmp / "data"), "--out", str(tmp / "p")]
+    assert main([*argv, "--tries", "1"]) == 0
+    path = presets_file(tmp / "p", cli["lm"].name, "tiny-L2")
+    first = presets.read_search(path)
+    assert first is not None and first.done and first.n_candidates == 3 and len(first.tried) == 1
+    assert f"tiny-L2: {first.summary()}" in capsys.readouterr().err
+    assert main([*argv, "--tries", "1"]) == 0  # finished for this budget: kept as it is
+    assert "up to date" in capsys.readouterr().err and presets.read_search(path) == first
+    assert main([*argv, "--tries", "2"]) == 0  # a larger budget goes on from the candidates already tried
+    again = presets.read_search(path)
+    assert again.tried[:1] == first.tried and len(again.tried) == 2
+    capsys.readouterr()
+    assert main(["presets", "--layer", "2", "--out", str(tmp / "p")]) == 2  # no bundled feature data for this SAE
+    assert "no precomputed feature data" in one_error_line(capsys)

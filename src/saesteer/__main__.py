@@ -14,6 +14,7 @@ COMMANDS = {
     "build-corpus": ("build_corpus", "rebuild the bundled offline corpus from Debian packages"),
     "build-bundle": ("build_bundle", "train the bundled SAEs with sae-lens and measure their quality"),
     "eval": ("evaluate", "evaluate steering: the paper's feature-level and concept-level experiments"),
+    "presets": ("presets", "find an SAE's demo presets by calibration, for the duel and the lab"),
 }
 
 

@@ -3,11 +3,12 @@ environment variables that move them. Every path the package computes starts her
 
 Assets (read-only, shipped with the repository): ``assets/saes/<model>/`` (SAEs + ``manifest.json``),
 ``assets/features/<model>/<sae id>/`` (precomputed feature data), ``assets/corpus/`` (the bundled corpus),
-``assets/eval/`` (default concepts and prefixes, shipped evaluation runs under ``results/``).
+``assets/eval/`` (default concepts and prefixes, shipped evaluation runs under ``results/``), ``assets/presets/``
+(the demo presets found for the bundled SAEs).
 
 Cache (written at run time, ``$SAESTEER_CACHE``, default ``~/.cache/saesteer``): ``models/`` (the embedded
 model converted once), ``features/`` (the scoring pipeline's intermediate results), ``app-features/``
-(feature data the app computed), ``eval/`` (evaluation runs).
+(feature data the app computed), ``eval/`` (evaluation runs), ``presets/`` (preset searches of other SAEs).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ BUNDLED_CORPUS = ASSETS / "corpus" / "prose.jsonl.xz"
 EVAL_ASSETS = ASSETS / "eval"
 #: Evaluation results shipped with the repository, one run per ``<model>/<sae id>/``.
 EVAL_RESULTS = EVAL_ASSETS / "results"
+#: Demo presets found by ``python -m saesteer presets`` for the bundled SAEs, one ``<model>/<sae id>.json`` each.
+BUNDLED_PRESETS = ASSETS / "presets"
 
 
 def bundled_sae_dir(model_name: str) -> Path:
@@ -72,6 +75,20 @@ def app_features_cache() -> Path:
 def eval_cache() -> Path:
     """Where ``eval`` writes unless given ``--out``."""
     return cache_root() / "eval"
+
+
+def presets_cache() -> Path:
+    """Where ``presets`` writes for SAEs that are not bundled (or with ``--cache``)."""
+    return cache_root() / "presets"
+
+
+def presets_file(root: Path, model_name: str, sae_id: str) -> Path:
+    """The preset search's file for one SAE under ``root`` (``BUNDLED_PRESETS`` or ``presets_cache()``); the file
+    names its model and SAE fingerprints, so a name shared by two SAEs is never read for the wrong one."""
+    def safe(text: str) -> str:
+        return re.sub(r"[^\w.-]+", "_", text.strip("/")).strip("_") or "_"
+
+    return Path(root) / safe(model_name) / f"{safe(sae_id)}.json"
 
 
 def allowed_roots() -> list[Path]:

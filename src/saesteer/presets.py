@@ -1,22 +1,29 @@
 """Fluent defaults: the default steering strength, the lab's default feature and the demo presets, picked by
-code from the shipped evaluation results, with a measured per-feature calibration while results are absent
-or were computed for other weights.
+code: from a preset search of the loaded weights, else from the shipped evaluation results, else a measured
+per-feature calibration.
 
+- **The preset search** (``python -m saesteer presets``; shipped under ``assets/presets/`` for the bundled
+  SAEs, read only when its model and SAE fingerprints and its setting match): candidates are concepts whose
+  output pick's top logit-lens word is the concept itself (the concept list first, then the top words of the
+  highest output scores), calibrated in order until ``N_PRESETS`` pass; the passes are the presets, each at its
+  calibrated amp. Where none passes, the page offers no preset and says why.
 - **From the evaluation** (a run under ``assets/eval/results/`` or the cache whose model and SAE fingerprints
   match the loaded weights): the layer's default amp is the evaluation's best amp for the output-score pick
-  (``evaluation.best_strength`` over its train rows, all concepts pooled); the presets are the concepts where
-  the output pick's test texts mention the concept more often than the unsteered model's do and stay fluent
-  (mean fluency >= ``duel.FLUENT``), best combined score first, each at the amp the evaluation chose for it.
-- **Fallback: calibration.** The presets are the concepts of ``assets/eval/concepts.txt`` whose output pick
-  has the highest output score; a feature's default amp is the smallest amp of ``CALIBRATION_GRID`` at which
-  its continuation of the neutral prompt mentions the feature's top logit-lens word and stays fluent by the
-  duel's own measure (``duel.score``: fluency >= ``duel.FLUENT``, i.e. (1 − bigram repetition) × the
-  perplexity factor against the unsteered continuation, so word salad that merely contains the word does not
-  count) for at least ``MIN_SEEDS_OK`` of the ``CALIBRATION_SEEDS``. One sample is one draw: on the bf16 copy the
-  same seed can even sample another continuation in a batch of another shape, so a default that worked for one
-  draw only would be luck. Each (feature, seed) is one batch (the unsteered row + one row per grid amp) on the
-  path the duel and the lab start with: the paper's temperature 0.7, ``LIVE_NEW_TOKENS`` (32) new tokens, and
-  the bf16 fast-decode copy on a CPU, the exact model on CUDA (``steering.default_fast``).
+  (``evaluation.best_strength`` over its train rows, all concepts pooled); without a preset search, the presets
+  are the concepts where the output pick's test texts mention the concept more often than the unsteered model's
+  do and stay fluent (mean fluency >= ``duel.FLUENT``), best combined score first, each at the amp the
+  evaluation chose for it.
+- **Calibration** (a feature's own default amp, and the fallback presets): the smallest amp of
+  ``CALIBRATION_GRID`` at which its continuation of the neutral prompt mentions the feature's top logit-lens
+  word while the unsteered continuation of the same seed does not, and stays fluent by the duel's own measure
+  (``duel.score``: fluency >= ``duel.FLUENT``, i.e. (1 − bigram repetition) × the perplexity factor against the
+  unsteered continuation, so word salad that merely contains the word does not count, and repetition <= 0.5)
+  for at least ``MIN_SEEDS_OK`` of the ``CALIBRATION_SEEDS``, the first (the pages' default seed) among them. A screening batch per seed (the unsteered row +
+  one row per grid amp) finds the amps; each, smallest first, is then checked as the lab decodes it (one 2-row
+  batch per seed, :func:`lab_samples`), because on the bf16 copy the same seed can sample another continuation
+  in a batch of another shape. All on the path the duel and the lab start with: the paper's temperature 0.7,
+  ``LIVE_NEW_TOKENS`` (32) new tokens, and the bf16 fast-decode copy on a CPU, the exact model on CUDA
+  (``steering.default_fast``).
 
 Every preset (and the lab's default feature) has a top logit-lens token that is a word of at least four
 letters. Nothing here imports Streamlit.
@@ -32,17 +39,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .baselines import mention_pattern
-from .config import LIVE_NEW_TOKENS, NEUTRAL_PROMPT, PAPER_TEMPERATURE, ConfigError
+from .config import LIVE_NEW_TOKENS, NEUTRAL_PROMPT, PAPER_TEMPERATURE, ConfigError, SteerParams
 from .duel import FLUENT, score
 from .evaluation import best_strength, default_concepts, eval_roots, repetition
 from .evaluation.candidates import FeatureBank, candidates_for
 from .models import LoadedModel
 from .saes import LoadedSae
-from .steering import default_fast, generate
+from .steering import default_fast, generate, generate_pair
 from .text import whole_word
 
 CALIBRATION_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -92,13 +100,16 @@ class Defaults:
     """What the duel and the lab start from at one SAE."""
 
     source: str
-    """'evaluation' (shipped results for these weights) or 'calibration' (the fallback)."""
+    """'search' (the preset search of these weights), 'evaluation' (its results for these weights) or
+    'calibration' (the fallback)."""
     reason: str
     """Where the defaults come from, in plain words."""
     strength: float | None
     """The layer's default amp (evaluation); None when each feature is calibrated."""
     presets: tuple[Preset, ...]
     run: Path | None = None
+    tried: tuple = ()
+    """The preset search's candidates (:class:`Tried`, these weights): a feature measured there keeps its own result."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,43 +185,39 @@ def from_results(run: Path, bank: FeatureBank, tokenizer, n: int = N_PRESETS) ->
 
 
 def fallback_presets(bank: FeatureBank, tokenizer, concepts: Sequence[str] | None = None, n: int = N_PRESETS) -> tuple[Preset, ...]:
-    """Concepts whose output pick's top logit-lens token is the concept itself (or its plural), by the pick's
-    output score: the feature then says the concept when turned up, and the preset shows what it should."""
-    items = candidates_for(list(concepts if concepts is not None else default_concepts()), tokenizer, bank)
-
-    def own_word(c) -> bool:
-        w = _word_of(bank, tokenizer, c.output_pick.feature)
-        return w is not None and mention_pattern(c.concept).fullmatch(w) is not None
-
-    ranked = sorted((c for c in items if c.output_pick is not None and math.isfinite(c.output_pick.output_score)),
-                    key=lambda c: (-c.output_pick.output_score, c.concept))
-    ranked = [c for c in ranked if own_word(c)]
-    presets, seen = [], set()
-    for c in ranked:
-        f = c.output_pick.feature
-        word = _word_of(bank, tokenizer, f)
-        if word is None or word in seen or f in {p.feature for p in presets}:
-            continue
-        seen.add(word)
+    """Concepts of the concept list whose output pick's top logit-lens token is the concept itself (or its
+    plural), by the pick's output score (:func:`search_candidates` without the extra words), uncalibrated: the
+    feature then says the concept when turned up, and the preset shows what it should."""
+    out = []
+    for concept, f, word, output_score in search_candidates(bank, tokenizer, concepts, pool=0)[:n]:
         ev = (f"not from an evaluation of these weights: feature {f}, the concept's output pick (output score "
-              f"{c.output_pick.output_score:.2f}), has “{word}” as its top logit-lens token")
-        presets.append(Preset(c.concept, f, word, None, ev))
-        if len(presets) == n:
-            break
-    return tuple(presets)
+              f"{output_score:.2f}), has “{word}” as its top logit-lens token")
+        out.append(Preset(concept, f, word, None, ev))
+    return tuple(out)
 
 
-def defaults(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, roots: Sequence[Path] | None = None) -> Defaults:
-    """The defaults at ``sae``: from its evaluation run when one matches these weights, else the fallback."""
+def defaults(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, roots: Sequence[Path] | None = None,
+             preset_roots: Sequence[Path] | None = None) -> Defaults:
+    """The defaults at ``sae``. Presets: from its finished preset search (:func:`load_search`, shipped for the
+    bundled SAEs) when one matches these weights, else from its evaluation run, else the fallback. The layer's
+    default amp for any other feature: the evaluation's, when a run matches, else per-feature calibration."""
     run, why = find_run(lm, sae, roots)
+    amp, from_eval = None, ()
     if run is not None:
         try:
-            amp, presets = from_results(run, bank, lm.tokenizer)
-            if presets:
-                return Defaults("evaluation", f"from {why}: the output pick's best amp at layer {sae.layer} is {amp:g}", amp, presets, run)
-            why = f"{why} shows no concept where the output pick beat the unsteered model"
+            amp, from_eval = from_results(run, bank, lm.tokenizer)
+            if not from_eval:
+                why = f"{why} shows no concept where the output pick beat the unsteered model"
         except (ConfigError, KeyError, ValueError, OSError) as exc:
-            why = f"{why} could not be read ({exc})"
+            run, why = None, f"{why} could not be read ({exc})"
+    found = load_search(lm, sae, preset_roots)
+    if found is not None:
+        amps = f"; other features: the evaluation's best amp {amp:g}" if amp is not None else "; other features: calibrated one by one"
+        if found.presets:
+            return Defaults("search", f"presets from the preset search of these weights: {found.summary()}{amps}", amp, found.presets, run, found.tried)
+        return Defaults("search", f"no preset at layer {sae.layer}: {found.summary()}{amps}", amp, (), run, found.tried)
+    if from_eval:
+        return Defaults("evaluation", f"from {why}: the output pick's best amp at layer {sae.layer} is {amp:g}", amp, from_eval, run)
     return Defaults("calibration", f"calibrated per feature ({why})", None, fallback_presets(bank, lm.tokenizer))
 
 
@@ -219,25 +226,61 @@ def defaults(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, roots: Sequence
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One continuation as the lab shows it: the unsteered and the steered row of one 2-row batch, one seed."""
+
+    seed: int
+    baseline: str
+    text: str
+    mentions: int
+    """How often the steered text says the word (whole word, any case)."""
+    baseline_mentions: int
+    """How often the unsteered text of the same seed says it."""
+    repetition: float
+    """The evaluation's word-bigram repetition of the steered text."""
+    fluency: float
+    """The duel's fluency of the steered text against the unsteered one."""
+
+    @property
+    def ok(self) -> bool:
+        return said_by_steering(self.mentions, self.baseline_mentions, self.repetition, self.fluency)
+
+    def line(self) -> str:
+        return (f"seed {self.seed}: says it {self.mentions}× (unsteered: {self.baseline_mentions}×), repetition "
+                f"{self.repetition:.2f}, fluency {self.fluency:.2f}")
+
+
+def said_by_steering(mentions: int, baseline_mentions: int, rep: float, flu: float) -> bool:
+    """The per-sample target: the steered text mentions the word while the unsteered one (same seed) does not,
+    its word-bigram repetition is at most ``MAX_REPETITION`` and its fluency at least the duel's ``FLUENT``."""
+    return mentions >= 1 and baseline_mentions == 0 and rep <= MAX_REPETITION and flu >= FLUENT
+
+
+@dataclass(frozen=True)
 class Calibration:
     feature: int
     word: str
     strength: float
     ok: bool
-    """Whether some grid amp met the target (else ``strength`` is the fallback)."""
+    """Whether some grid amp met the target in the lab's own batch shape (else ``strength`` is the fallback)."""
     texts: dict[float, str]
-    """Grid amp -> the continuation it produced with the first seed."""
+    """Grid amp -> the continuation it produced with the first seed (the screening batch)."""
     fluency: dict[float, float] = field(default_factory=dict)
     """Grid amp -> the duel's fluency figure of that continuation (1 = as fluent as the unsteered one)."""
     n_ok: dict[float, int] = field(default_factory=dict)
-    """Grid amp -> how many of the seeds said the word fluently there."""
+    """Grid amp -> how many of the seeds said the word fluently there, in the screening batch."""
     n_seeds: int = 1
+    verified: dict[float, int] = field(default_factory=dict)
+    """Amp -> how many seeds met the target in the lab's 2-row batch (only the amps the screen passed)."""
+    samples: tuple[Sample, ...] = ()
+    """The lab-shape samples at ``strength`` (or at the last amp verified, when none met the target)."""
 
     def describe(self) -> str:
         grid = ", ".join(f"{a:g}" for a in self.texts)
         if self.ok:
-            return (f"amp {self.strength:g}: the smallest of {grid} at which feature {self.feature} says “{self.word}” and stays "
-                    f"fluent (the duel's fluency >= {FLUENT:g}) in {self.n_ok.get(self.strength, 0)} of {self.n_seeds} samples")
+            return (f"amp {self.strength:g}: the smallest of {grid} at which feature {self.feature} says “{self.word}” (which the "
+                    f"unsteered text does not) and stays fluent (the duel's fluency >= {FLUENT:g}, repetition <= {MAX_REPETITION:g}) in "
+                    f"{self.verified.get(self.strength, 0)} of {self.n_seeds} samples, the default seed's among them, as the lab decodes them")
         return (f"amp {self.strength:g}: no amp of {grid} made feature {self.feature} say “{self.word}” fluently in "
                 f"{MIN_SEEDS_OK} of {self.n_seeds} samples (the paper's median factor instead)")
 
@@ -250,9 +293,11 @@ def calibrate(
     lm: LoadedModel, sae: LoadedSae, features: Sequence[int], words: Sequence[str], *, prompt: str = NEUTRAL_PROMPT,
     seed: int = 0, grid: Sequence[float] = CALIBRATION_GRID, max_new_tokens: int = CALIBRATION_TOKENS, fast: bool | None = None,
 ) -> list[Calibration]:
-    """Each feature's default amp (see the module docstring): per feature and seed one batched generation of
-    1 + len(grid) rows (unsteered, then each amp) and one perplexity pass, on the bf16 fast-decode copy when ``fast`` (default:
-    as the pages start, ``steering.default_fast``); results are cached per process (per SAE weights)."""
+    """Each feature's default amp (see the module docstring). Per feature and seed, a screening batch of
+    1 + len(grid) rows (unsteered, then each amp) and one perplexity pass; then, smallest first, each amp the
+    screen passed is checked as the lab decodes it (:func:`lab_samples`: a 2-row batch per seed) until one
+    meets the target there. On the bf16 fast-decode copy when ``fast`` (default: as the pages start,
+    ``steering.default_fast``); results are cached per process (per SAE weights)."""
     from .store import sae_fingerprint
 
     if len(features) != len(words):
@@ -270,33 +315,286 @@ def calibrate(
         return [_CACHE[k] for k in keys]
 
 
+def lab_samples(lm: LoadedModel, sae: LoadedSae, feature: int, word: str, amp: float, *, prompt: str = NEUTRAL_PROMPT,
+                seeds: Sequence[int] = CALIBRATION_SEEDS, max_new_tokens: int = CALIBRATION_TOKENS, fast: bool | None = None,
+                need: int | None = None) -> list[Sample]:
+    """What the lab shows at ``amp``: per seed one 2-row batch (unsteered + steered, ``steering.generate_pair``,
+    exactly what ``stream_pair`` streams) at the paper's temperature, each scored with the duel's measures.
+    With ``need``, stops as soon as the amp cannot pass any more (:func:`passes`)."""
+    fast = default_fast(lm) if fast is None else bool(fast)
+    out: list[Sample] = []
+    for k, sd in enumerate(seeds):
+        if need is not None and ((out and not out[0].ok) or sum(x.ok for x in out) + len(seeds) - k < need):
+            break
+        params = SteerParams(features=(int(feature),), strengths=(float(amp),), max_new_tokens=max_new_tokens,
+                             temperature=PAPER_TEMPERATURE, seed=int(sd))
+        base, text = generate_pair(lm, sae, prompt, params, fast=fast)
+        flu = score(lm, prompt, word, {"baseline": base, "steered": text})["steered"].fluency
+        out.append(Sample(int(sd), base, text, mentions_word(text, word), mentions_word(base, word), repetition(text), flu))
+    return out
+
+
+def passes(samples: Sequence[Sample], need: int) -> bool:
+    """An amp passes in the lab's shape when at least ``need`` samples meet the target, the first seed's (the
+    pages' default seed) among them: what a user sees on opening the page must say the word."""
+    return bool(samples) and samples[0].ok and sum(x.ok for x in samples) >= need
+
+
 def _measure(lm: LoadedModel, sae: LoadedSae, feature: int, word: str, prompt: str, seed: int, grid: Sequence[float],
              max_new_tokens: int, fast: bool) -> Calibration:
-    """Per seed one batch: the unsteered row, then one row per grid amp (every row sampled from that seed)."""
+    """Screen: per seed one batch, the unsteered row then one row per grid amp (every row sampled from that
+    seed). Then check the passing amps, smallest first, in the lab's 2-row shape."""
     amps = [float(a) for a in grid]
     seeds = [seed + k for k in CALIBRATION_SEEDS]
     s = torch.tensor([[0.0]] + [[a] for a in amps], dtype=torch.float32)
     n_ok = {a: 0 for a in amps}
     shown: tuple[dict[float, str], dict[float, float]] = ({}, {})  # the first seed's texts and fluency
-    for sd in seeds:
+    need = min(MIN_SEEDS_OK, len(seeds))
+    for k, sd in enumerate(seeds):
+        if k and all(n_ok[a] + len(seeds) - k < need for a in amps):
+            break  # no amp can reach ``need`` any more: the remaining seeds would not change the answer
         texts = generate(lm, [prompt] * len(s), sae=sae, features=[feature], strengths=s, max_new_tokens=max_new_tokens,
                          temperature=PAPER_TEMPERATURE, seed=[sd] * len(s), fast=fast)
         stats = score(lm, prompt, word, {"baseline": texts[0], **{f"amp {a:g}": t for a, t in zip(amps, texts[1:])}})
         by_amp = dict(zip(amps, texts[1:]))
         flu = {a: stats[f"amp {a:g}"].fluency for a in amps}
+        base_hits = mentions_word(texts[0], word)
         for a in amps:
-            n_ok[a] += bool(mentions_word(by_amp[a], word) and flu[a] >= FLUENT)
+            n_ok[a] += said_by_steering(mentions_word(by_amp[a], word), base_hits, stats[f"amp {a:g}"].repetition, flu[a])
         if sd == seeds[0]:
             shown = (by_amp, flu)
-    return _choose(feature, word, *shown, n_ok, len(seeds))
+    verified: dict[float, int] = {}
+    samples: tuple[Sample, ...] = ()
+    for a in sorted(a for a in amps if n_ok[a] >= need):
+        samples = tuple(lab_samples(lm, sae, feature, word, a, prompt=prompt, seeds=seeds, max_new_tokens=max_new_tokens, fast=fast, need=need))
+        verified[a] = sum(x.ok for x in samples)
+        if passes(samples, need):
+            return Calibration(feature, word, a, True, *shown, n_ok, len(seeds), verified, samples)
+    return Calibration(feature, word, FALLBACK_STRENGTH, False, *shown, n_ok, len(seeds), verified, samples)
 
 
-def _choose(feature: int, word: str, texts: dict[float, str], fluency: dict[float, float], n_ok: dict[float, int],
-            n_seeds: int) -> Calibration:
-    for amp in sorted(texts):
-        if n_ok.get(amp, 0) >= min(MIN_SEEDS_OK, n_seeds):
-            return Calibration(feature, word, amp, True, texts, fluency, n_ok, n_seeds)
-    return Calibration(feature, word, FALLBACK_STRENGTH, False, texts, fluency, n_ok, n_seeds)
+# ---------------------------------------------------------------------------------------------------
+# Search: presets found by calibration, written once per SAE (``python -m saesteer presets``)
+
+SEARCH_FORMAT = 1
+SEARCH_TRIES = 120
+"""Candidates calibrated per SAE at most (each costs 2-6 short batches)."""
+SEARCH_POOL: int | None = None
+"""Features of the highest output score whose top word joins the concept list as a candidate concept (None: every
+feature)."""
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One candidate of the search: a concept, its output pick (whose top word is the concept), the outcome."""
+
+    concept: str
+    feature: int
+    word: str
+    output_score: float
+    ok: bool
+    strength: float
+    n_ok: dict[float, int]
+    verified: dict[float, int]
+    samples: tuple[Sample, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"concept": self.concept, "feature": self.feature, "word": self.word, "output_score": self.output_score, "ok": self.ok,
+                "strength": self.strength, "n_ok": {f"{a:g}": n for a, n in self.n_ok.items()},
+                "verified": {f"{a:g}": n for a, n in self.verified.items()}, "samples": [vars(x) for x in self.samples]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tried:
+        return cls(str(d["concept"]), int(d["feature"]), str(d["word"]), float(d["output_score"]), bool(d["ok"]), float(d["strength"]),
+                   {float(a): int(n) for a, n in d["n_ok"].items()}, {float(a): int(n) for a, n in d["verified"].items()},
+                   tuple(Sample(**x) for x in d.get("samples", ())))
+
+    def preset(self, n_seeds: int) -> Preset:
+        ev = (f"calibrated on these weights: at amp {self.strength:g} feature {self.feature} (output score {self.output_score:.2f}) "
+              f"said “{self.word}” in {self.verified.get(self.strength, 0)} of {n_seeds} samples of the lab, seed 0 among them (neutral prompt, "
+              f"temperature {PAPER_TEMPERATURE:g}, {CALIBRATION_TOKENS} tokens) where the unsteered text did not, without looping "
+              f"(repetition <= {MAX_REPETITION:g}, fluency >= {FLUENT:g})")
+        return Preset(self.concept, self.feature, self.word, self.strength, ev)
+
+
+@dataclass(frozen=True)
+class Search:
+    """The outcome of :func:`search` at one SAE: what was tried, in order, and the presets (the passes)."""
+
+    model: str
+    sae_id: str
+    model_fingerprint: str
+    sae_fingerprint: str
+    setting: dict
+    tried: tuple[Tried, ...]
+    n_candidates: int
+    """Candidates there were (own-word output picks); ``len(tried)`` of them were calibrated."""
+    elapsed_s: float = 0.0
+    done: bool = False
+    pool: int = 0
+    """The features of the highest output score whose top words joined the concept list (:func:`search_candidates`)."""
+
+    @property
+    def presets(self) -> tuple[Preset, ...]:
+        n = len(self.setting.get("seeds", CALIBRATION_SEEDS))
+        return tuple(t.preset(n) for t in self.tried if t.ok)[:N_PRESETS]
+
+    def goes_on(self, tries: int, pool: int | None = None) -> bool:
+        """Whether a search with ``tries`` (and ``pool``) would calibrate more than this one did: it is unfinished,
+        or it found fewer than ``N_PRESETS`` with a larger budget and candidates left or a larger pool."""
+        short = len(self.presets) < N_PRESETS
+        return not self.done or (short and len(self.tried) < min(tries, self.n_candidates)) or (
+            short and pool is not None and pool > self.pool and len(self.tried) < tries)
+
+    def summary(self) -> str:
+        ok = len(self.presets)
+        src = "the concept list" + (f" and the top words of the {self.pool} highest output scores" if self.pool else "")
+        return (f"{ok} of the {len(self.tried)} candidates calibrated (of {self.n_candidates}: concepts from {src} whose output "
+                f"pick's top logit-lens word is the concept) say their word in the lab's setting")
+
+    def to_json(self) -> dict:
+        return {"format": SEARCH_FORMAT, "model": self.model, "sae_id": self.sae_id, "model_fingerprint": self.model_fingerprint,
+                "sae_fingerprint": self.sae_fingerprint, "setting": self.setting, "n_candidates": self.n_candidates, "pool": self.pool,
+                "elapsed_s": self.elapsed_s, "done": self.done, "presets": [vars(p) for p in self.presets],
+                "tried": [t.to_json() for t in self.tried]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Search:
+        if d.get("format") != SEARCH_FORMAT:
+            raise ConfigError(f"preset search format {d.get('format')!r} is not {SEARCH_FORMAT}: run `python -m saesteer presets` again")
+        return cls(d["model"], d["sae_id"], d["model_fingerprint"], d["sae_fingerprint"], dict(d["setting"]),
+                   tuple(Tried.from_json(t) for t in d["tried"]), int(d["n_candidates"]), float(d.get("elapsed_s", 0.0)), bool(d.get("done")),
+                   int(d["pool"]))
+
+
+def search_setting(lm: LoadedModel, fast: bool | None = None) -> dict:
+    """What a search's samples depend on besides the weights; a file made in another setting is not read."""
+    return {"prompt": NEUTRAL_PROMPT, "temperature": PAPER_TEMPERATURE, "max_new_tokens": CALIBRATION_TOKENS,
+            "seeds": list(CALIBRATION_SEEDS), "grid": list(CALIBRATION_GRID), "min_seeds_ok": MIN_SEEDS_OK, "first_seed_ok": True, "fluent": FLUENT,
+            "max_repetition": MAX_REPETITION, "fast": default_fast(lm) if fast is None else bool(fast)}
+
+
+def search_candidates(bank: FeatureBank, tokenizer, concepts: Sequence[str] | None = None, pool: int | None = SEARCH_POOL) -> list[tuple[str, int, str, float]]:
+    """(concept, output pick, its top word, output score) for every concept whose output pick's top logit-lens
+    token is the concept's own word. Concepts: the concept list first (``assets/eval/concepts.txt``), then the
+    top word of each of the ``pool`` features of the highest output score (None: every feature), when that token starts a word. Each
+    group by output score, highest first; one candidate per feature and per word."""
+    base = list(concepts if concepts is not None else default_concepts())
+    order = np.argsort(-np.nan_to_num(bank.output_score, nan=-np.inf), kind="stable")[:pool]
+    extra = []
+    for i in order:
+        token = tokenizer.convert_ids_to_tokens(int(bank.top_ids[i, 0]))
+        w = top_word(token)
+        if w is not None and token[:1] in ("▁", " ") and w not in extra:
+            extra.append(w)
+    out, seen_f, seen_w = [], set(), set()
+    for group in (base, [w for w in extra if w not in {c.strip().lower() for c in base}]):
+        picks = []
+        for c in candidates_for(group, tokenizer, bank):
+            if c.output_pick is None or not math.isfinite(c.output_pick.output_score):
+                continue
+            w = _word_of(bank, tokenizer, c.output_pick.feature)
+            if w is not None and mention_pattern(c.concept).fullmatch(w):
+                picks.append((c.concept, int(c.output_pick.feature), w, float(c.output_pick.output_score)))
+        for item in sorted(picks, key=lambda t: (-t[3], t[0])):
+            if item[1] not in seen_f and item[2] not in seen_w:
+                seen_f.add(item[1])
+                seen_w.add(item[2])
+                out.append(item)
+    return out
+
+
+def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequence[str] | None = None, tries: int = SEARCH_TRIES,
+           n: int = N_PRESETS, pool: int | None = SEARCH_POOL, resume: Search | None = None, checkpoint=None, progress=None) -> Search:
+    """Calibrate the candidates (:func:`search_candidates` with ``pool``) in order until ``n`` pass or ``tries``
+    were tried.
+    ``resume``: an earlier, unfinished search of these weights in this setting (its tried candidates are kept);
+    ``checkpoint(search)`` is called after every candidate (the CLI writes the file there); ``progress(i, total,
+    tried)`` likewise, for a progress bar."""
+    import time
+
+    from .store import model_fingerprint, sae_fingerprint
+
+    t0 = time.perf_counter()
+    setting = search_setting(lm)
+    mfp, sfp = model_fingerprint(lm), sae_fingerprint(sae)
+    if pool is not None and pool < 0:
+        raise ConfigError(f"the candidate pool must be 0 (the concept list only) or more features, got {pool}")
+    pool = len(bank.output_score) if pool is None else min(int(pool), len(bank.output_score))
+    cands = search_candidates(bank, lm.tokenizer, concepts, pool)
+    tried: list[Tried] = []
+    spent = 0.0
+    if resume is not None and (resume.model_fingerprint, resume.sae_fingerprint, resume.setting) == (mfp, sfp, setting):
+        tried, spent = list(resume.tried), resume.elapsed_s
+    done_f = {t.feature for t in tried}
+
+    def current(done: bool) -> Search:
+        return Search(lm.name, sae.id, mfp, sfp, setting, tuple(tried), len(cands), spent + time.perf_counter() - t0, done, pool)
+
+    total = min(tries, len(cands))
+    for concept, f, w, os_ in cands:
+        if sum(t.ok for t in tried) >= n or len(tried) >= total:
+            break
+        if f in done_f:
+            continue
+        cal = calibrate(lm, sae, [f], [w])[0]
+        tried.append(Tried(concept, f, w, os_, cal.ok, cal.strength, dict(cal.n_ok), dict(cal.verified), cal.samples))
+        if checkpoint is not None:
+            checkpoint(current(False))
+        if progress is not None:
+            progress(len(tried), total, tried[-1])
+    return current(True)
+
+
+def write_search(result: Search, root: Path | None = None) -> Path:
+    """Write ``result`` where :func:`load_search` reads it (default root: the bundled presets folder); atomic."""
+    import os
+
+    from .paths import BUNDLED_PRESETS, presets_file
+
+    path = presets_file(BUNDLED_PRESETS if root is None else root, result.model, result.sae_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_search(path: Path) -> Search | None:
+    """The search in ``path``, or None when there is none or it cannot be read (another format, damaged)."""
+    try:
+        return Search.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+
+
+def load_search(lm: LoadedModel, sae: LoadedSae, roots: Sequence[Path] | None = None, *, finished: bool = True) -> Search | None:
+    """The finished preset search of these very weights in the setting the pages start with (bundled folder
+    first, then the cache), else None."""
+    from .paths import BUNDLED_PRESETS, presets_cache, presets_file
+    from .store import model_fingerprint, sae_fingerprint
+
+    for root in roots if roots is not None else (BUNDLED_PRESETS, presets_cache()):
+        found = read_search(presets_file(root, lm.name, sae.id))
+        if found is None or (finished and not found.done):
+            continue
+        if (found.model_fingerprint, found.sae_fingerprint) == (model_fingerprint(lm), sae_fingerprint(sae)) and found.setting == search_setting(lm):
+            return found
+    return None
+
+
+def opening_sae(model_name: str, sae_ids: Sequence[str]) -> str | None:
+    """Of ``sae_ids`` (bundled), the one whose shipped preset search found the most presets (the first on a
+    tie), or None when none ships one: the layer the app opens on, so a first look starts where steering shows."""
+    from .paths import BUNDLED_PRESETS, presets_file
+
+    best, most = None, 0
+    for sid in sae_ids:
+        found = read_search(presets_file(BUNDLED_PRESETS, model_name, sid))
+        k = len(found.presets) if found is not None and found.done else 0
+        if k > most:
+            best, most = sid, k
+    return best
 
 
 def preset_strength(lm: LoadedModel, sae: LoadedSae, preset: Preset) -> tuple[float, str]:
@@ -308,8 +606,17 @@ def preset_strength(lm: LoadedModel, sae: LoadedSae, preset: Preset) -> tuple[fl
 
 
 def feature_strength(lm: LoadedModel, sae: LoadedSae, d: Defaults, feature: int, bank: FeatureBank) -> tuple[float, str]:
-    """(amp, why) for any feature: the layer's evaluated amp, else the feature's calibration on its top word
-    (features without a word-like top token get the fallback amp)."""
+    """(amp, why) for any feature: its calibration in the preset search when the search tried it, else the layer's
+    evaluated amp, else the feature's calibration on its top word (features without a word-like top token get
+    the fallback amp)."""
+    for t in d.tried:
+        if t.feature == int(feature):
+            if t.ok:
+                return t.strength, t.preset(len(CALIBRATION_SEEDS)).evidence
+            grid = ", ".join(f"{a:g}" for a in t.n_ok)
+            return FALLBACK_STRENGTH, (f"amp {FALLBACK_STRENGTH:g}: the preset search of these weights tried feature {feature} and no amp of "
+                                       f"{grid} made it say “{t.word}” fluently in {MIN_SEEDS_OK} of {len(CALIBRATION_SEEDS)} samples, the "
+                                       f"default seed's among them (the paper's median factor instead)")
     if d.strength is not None:
         return d.strength, d.reason
     word = _word_of(bank, lm.tokenizer, feature)

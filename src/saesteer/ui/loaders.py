@@ -41,6 +41,8 @@ class SaeChoice:
     width: int | None = None
     metrics: dict | None = None
     """Quality of a bundled SAE on held-out text (fve, ce_loss_recovered, dead_fraction...)."""
+    opens: bool = False
+    """The SAE the picker starts on (the bundled one whose preset search found the most presets)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,11 +60,15 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 def sae_choices(model_name: str, source: str = "bundled", release: str | None = None) -> list[SaeChoice]:
     """SAEs the layer picker offers: bundled ones of the model, or the SAEs of a sae-lens release."""
     if source == "bundled":
+        from ..presets import opening_sae
         from ..saes import list_bundled
 
+        entries = list_bundled(model_name)
+        opens = opening_sae(model_name, [e["id"] for e in entries])
         return [
-            SaeChoice(layer=e["layer"], label=f"layer {e['layer']} · {e['id']}", spec=SaeSpec(source="bundled", layer=e["layer"], sae_id=e["id"]), ref=e["id"], width=e.get("width"), metrics=e.get("metrics"))
-            for e in list_bundled(model_name)
+            SaeChoice(layer=e["layer"], label=f"layer {e['layer']} · {e['id']}", spec=SaeSpec(source="bundled", layer=e["layer"], sae_id=e["id"]),
+                      ref=e["id"], width=e.get("width"), metrics=e.get("metrics"), opens=e["id"] == opens)
+            for e in entries
         ]
     if source == "release" and release:
         return release_choices(release)

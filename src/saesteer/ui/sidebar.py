@@ -187,8 +187,8 @@ def _layer_picker(choices: list[SaeChoice]) -> SaeChoice:
         else:
             have = ", ".join(sorted({str(c.layer) for c in choices})) or "none"
             st.session_state.setdefault(_QP_PROBLEMS, []).append(f"link parameter 'layer' ignored: no SAE at layer {want}; layers with an SAE: {have}")
-    if _get("sb_sae_ref") not in by_ref:
-        _set("sb_sae_ref", refs[0])
+    if _get("sb_sae_ref") not in by_ref:  # start where the demo presets are (else the first SAE)
+        _set("sb_sae_ref", next((c.ref for c in choices if c.opens), refs[0]))
     if len(refs) == 1:  # one SAE (a Gemma Scope 2 pick, a local directory): nothing to choose here
         return by_ref[refs[0]]
     ref = _kept(st.selectbox, "Layer", "sb_sae_ref", options=refs, format_func=lambda r: by_ref[r].label, help="the SAEs available for this model and source")

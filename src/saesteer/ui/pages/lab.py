@@ -218,7 +218,9 @@ def _demo_panel(ctx: AppContext) -> None:
         return
     presets = demo_rows(ctx)
     if presets.empty:
-        st.info("No feature with a word-like top token to demonstrate in this SAE.")
+        d = _defaults(ctx)
+        searched = d is not None and d.source == "search"
+        st.info(f"No demo preset at this layer: {d.reason}." if searched else "No feature with a word-like top token to demonstrate in this SAE.")
         return
     cols = st.columns(len(presets))
     for col, (_, row) in zip(cols, presets.iterrows()):
@@ -246,7 +248,8 @@ def _demo_panel(ctx: AppContext) -> None:
 
 def demo_rows(ctx: AppContext) -> pd.DataFrame:
     """The demo mode's presets: the duel's (:func:`saesteer.presets.defaults`, each with its concept, amp and
-    evidence), else word-led features by output score (``tables.demo_features``, their amp calibrated on click)."""
+    evidence); none where a preset search found none; else word-led features by output score
+    (``tables.demo_features``, their amp calibrated on click)."""
     d = _defaults(ctx)
     table = ctx.data.table
     if d is not None and d.presets:
@@ -254,6 +257,8 @@ def demo_rows(ctx: AppContext) -> pd.DataFrame:
         rows["strength"] = [p.strength if p.strength is not None else float("nan") for p in d.presets]
         rows["evidence"] = [p.evidence for p in d.presets]
         return rows
+    if d is not None and d.source == "search":  # searched, and no feature said its word: none to show
+        return table.iloc[:0].assign(strength=float("nan"), evidence="")
     return demo_features(table, n=4).assign(strength=float("nan"), evidence="")
 
 
