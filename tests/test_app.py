@@ -629,3 +629,17 @@ def test_lab_on_the_embedded_model(real_mode, tmp_path, monkeypatch):
     # the baseline is row 0 of a 2-row decode (row 1 steered); with fast decode, compare with the same batch shape
     assert last["baseline"] == generate(lm, ["The capital of France is"] * 2, max_new_tokens=6, fast=fast, temperature=0.7, seed=[0, 0])[0]
     assert last["steered"]
+
+
+def test_demo_mode_where_the_preset_search_found_none_offers_none_and_says_why(fixture_env, monkeypatch):
+    from saesteer import presets
+    from saesteer.ui.pages import lab
+
+    reason = "no preset at layer 1: 0 of the 3 candidates calibrated (of 3: concepts from the concept list) say their word in the lab's setting"
+    monkeypatch.setattr(lab, "_defaults", lambda ctx: presets.Defaults("search", reason, None, ()))
+    at = app().run()
+    at.switch_page(NAV["lab"].path).run()
+    at.toggle(key="lab_demo").set_value(True).run()
+    no_exception(at)
+    assert not [b for b in at.button if b.key and b.key.startswith("lab_demo_")]
+    assert any(i.value == "N" + reason[1:] + "." for i in at.info), [i.value for i in at.info]

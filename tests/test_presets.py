@@ -439,15 +439,18 @@ def test_a_feature_the_search_measured_keeps_its_own_result_over_the_layer_amp(w
     fake_calibrations(monkeypatch, {good: 1.5})
     res = presets.search(lm, sae, bank, concepts=fixture_concepts(), tries=2, n=2)
     assert [t.feature for t in res.tried] == [good, bad]
-    presets.write_search(res, tmp_path)
-    d = presets.defaults(lm, sae, bank, roots=[tmp_path / "no-eval"], preset_roots=[tmp_path])
-    layer = presets.Defaults(d.source, d.reason, 4.0, d.presets, None, d.tried)  # as if an evaluation set the layer's amp 4
+    presets.write_search(res, tmp_path / "p")
+    train = [{"concept": "alpha", "method": "sae_output", "strength": a, "split": "train", "combined": v} for a, v in ((2.0, 0.2), (4.0, 0.6))]
+    write_run(tmp_path / "eval", lm, sae, [summary_row("alpha", "sae_output", good, 4.0, 0.6), summary_row("alpha", "unsteered", -1, 0.0, 0.0)], train)
+    layer = presets.defaults(lm, sae, bank, roots=[tmp_path / "eval"], preset_roots=[tmp_path / "p"])
+    assert layer.source == "search" and layer.strength == 4.0 and layer.presets == res.presets  # the search's presets, the evaluation's amp
     amp, why = presets.feature_strength(lm, sae, layer, good, bank)
     assert amp == 1.5 and "in 3 of 3 samples of the lab" in why
     amp, why = presets.feature_strength(lm, sae, layer, bad, bank)  # measured and failed: not the layer's amp
     assert amp == presets.FALLBACK_STRENGTH and "no amp of 1" in why and f"tried feature {bad}" in why
     other = next(f for f in map(int, bank.features) if f not in (good, bad))
-    assert presets.feature_strength(lm, sae, layer, other, bank) == (4.0, d.reason)  # not measured: the layer's amp
+    amp, why = presets.feature_strength(lm, sae, layer, other, bank)  # not measured: the layer's amp, saying where it comes from
+    assert amp == 4.0 and why == layer.strength_reason and why.startswith("from ") and "best amp at layer 1 is 4" in why
 
 
 def test_a_wider_pool_adds_candidates_after_the_list_and_a_finished_search_goes_on_with_it(word_bank, monkeypatch):

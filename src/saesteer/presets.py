@@ -110,6 +110,8 @@ class Defaults:
     run: Path | None = None
     tried: tuple = ()
     """The preset search's candidates (:class:`Tried`, these weights): a feature measured there keeps its own result."""
+    strength_reason: str = ""
+    """Where ``strength`` comes from, when ``reason`` speaks of the presets (empty: ``reason`` says it)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,10 +204,11 @@ def defaults(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, roots: Sequence
     bundled SAEs) when one matches these weights, else from its evaluation run, else the fallback. The layer's
     default amp for any other feature: the evaluation's, when a run matches, else per-feature calibration."""
     run, why = find_run(lm, sae, roots)
-    amp, from_eval = None, ()
+    amp, from_eval, amp_why = None, (), ""
     if run is not None:
         try:
             amp, from_eval = from_results(run, bank, lm.tokenizer)
+            amp_why = f"from {why}: the output pick's best amp at layer {sae.layer} is {amp:g}"
             if not from_eval:
                 why = f"{why} shows no concept where the output pick beat the unsteered model"
         except (ConfigError, KeyError, ValueError, OSError) as exc:
@@ -214,10 +217,11 @@ def defaults(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, roots: Sequence
     if found is not None:
         amps = f"; other features: the evaluation's best amp {amp:g}" if amp is not None else "; other features: calibrated one by one"
         if found.presets:
-            return Defaults("search", f"presets from the preset search of these weights: {found.summary()}{amps}", amp, found.presets, run, found.tried)
-        return Defaults("search", f"no preset at layer {sae.layer}: {found.summary()}{amps}", amp, (), run, found.tried)
+            return Defaults("search", f"presets from the preset search of these weights: {found.summary()}{amps}", amp, found.presets, run,
+                            found.tried, amp_why)
+        return Defaults("search", f"no preset at layer {sae.layer}: {found.summary()}{amps}", amp, (), run, found.tried, amp_why)
     if from_eval:
-        return Defaults("evaluation", f"from {why}: the output pick's best amp at layer {sae.layer} is {amp:g}", amp, from_eval, run)
+        return Defaults("evaluation", amp_why, amp, from_eval, run)
     return Defaults("calibration", f"calibrated per feature ({why})", None, fallback_presets(bank, lm.tokenizer))
 
 
@@ -618,7 +622,7 @@ def feature_strength(lm: LoadedModel, sae: LoadedSae, d: Defaults, feature: int,
                                        f"{grid} made it say “{t.word}” fluently in {MIN_SEEDS_OK} of {len(CALIBRATION_SEEDS)} samples, the "
                                        f"default seed's among them (the paper's median factor instead)")
     if d.strength is not None:
-        return d.strength, d.reason
+        return d.strength, d.strength_reason or d.reason
     word = _word_of(bank, lm.tokenizer, feature)
     if word is None:
         return FALLBACK_STRENGTH, f"amp {FALLBACK_STRENGTH:g}: feature {feature}'s top logit-lens token is not a word to calibrate on"
@@ -634,4 +638,6 @@ def clear_cache() -> None:
 __all__ = [
     "CALIBRATION_GRID", "CALIBRATION_SEEDS", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
     "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "run_metas", "top_word",
+    "SEARCH_POOL", "SEARCH_TRIES", "Sample", "Search", "Tried", "lab_samples", "load_search", "opening_sae", "passes", "read_search",
+    "said_by_steering", "search", "search_candidates", "search_setting", "write_search",
 ]

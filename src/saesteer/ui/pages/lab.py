@@ -220,7 +220,7 @@ def _demo_panel(ctx: AppContext) -> None:
     if presets.empty:
         d = _defaults(ctx)
         searched = d is not None and d.source == "search"
-        st.info(f"No demo preset at this layer: {d.reason}." if searched else "No feature with a word-like top token to demonstrate in this SAE.")
+        st.info(d.reason[:1].upper() + d.reason[1:] + "." if searched else "No feature with a word-like top token to demonstrate in this SAE.")
         return
     cols = st.columns(len(presets))
     for col, (_, row) in zip(cols, presets.iterrows()):
