@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,8 +287,12 @@ class Calibration:
             return (f"amp {self.strength:g}: the smallest of {grid} at which feature {self.feature} says “{self.word}” (which the "
                     f"unsteered text does not) and stays fluent (the duel's fluency >= {FLUENT:g}, repetition <= {MAX_REPETITION:g}) in "
                     f"{self.verified.get(self.strength, 0)} of {self.n_seeds} samples, the default seed's among them, as the lab decodes them")
-        return (f"amp {self.strength:g}: no amp of {grid} made feature {self.feature} say “{self.word}” fluently in "
-                f"{MIN_SEEDS_OK} of {self.n_seeds} samples (the paper's median factor instead)")
+        return f"amp {self.strength:g}: " + _no_amp(grid, self.feature, self.word, self.n_seeds)
+
+
+def _no_amp(grid: str, feature: int, word: str, n_seeds: int) -> str:
+    return (f"no amp of {grid} made feature {feature} say “{word}” fluently in {MIN_SEEDS_OK} of {n_seeds} samples "
+            f"(the paper's median factor instead)")
 
 
 _CACHE: dict[tuple, Calibration] = {}
@@ -413,6 +419,18 @@ class Tried:
                    {float(a): int(n) for a, n in d["n_ok"].items()}, {float(a): int(n) for a, n in d["verified"].items()},
                    tuple(Sample(**x) for x in d.get("samples", ())))
 
+    @classmethod
+    def of(cls, concept: str, output_score: float, cal: Calibration) -> Tried:
+        return cls(concept, cal.feature, cal.word, output_score, cal.ok, cal.strength, dict(cal.n_ok), dict(cal.verified), cal.samples)
+
+    def amp(self, n_seeds: int) -> tuple[float, str]:
+        """(amp, why) of this feature as the search measured it: its calibrated amp, else the fallback."""
+        if self.ok:
+            return self.strength, self.preset(n_seeds).evidence
+        grid = ", ".join(f"{a:g}" for a in self.n_ok)
+        return FALLBACK_STRENGTH, f"amp {FALLBACK_STRENGTH:g}: the preset search of these weights tried feature {self.feature}: " + _no_amp(
+            grid, self.feature, self.word, n_seeds)
+
     def preset(self, n_seeds: int) -> Preset:
         ev = (f"calibrated on these weights: at amp {self.strength:g} feature {self.feature} (output score {self.output_score:.2f}) "
               f"said “{self.word}” in {self.verified.get(self.strength, 0)} of {n_seeds} samples of the lab, seed 0 among them (neutral prompt, "
@@ -437,6 +455,11 @@ class Search:
     done: bool = False
     pool: int = 0
     """The features of the highest output score whose top words joined the concept list (:func:`search_candidates`)."""
+
+    @property
+    def key(self) -> tuple[str, str, dict]:
+        """What must match :func:`search_key` of the loaded weights for this search to be theirs."""
+        return self.model_fingerprint, self.sae_fingerprint, self.setting
 
     @property
     def presets(self) -> tuple[Preset, ...]:
@@ -478,6 +501,14 @@ def search_setting(lm: LoadedModel, fast: bool | None = None) -> dict:
             "max_repetition": MAX_REPETITION, "fast": default_fast(lm) if fast is None else bool(fast)}
 
 
+def search_key(lm: LoadedModel, sae: LoadedSae) -> tuple[str, str, dict]:
+    """(model fingerprint, SAE fingerprint, setting): a search is these weights' in the pages' setting when its
+    :attr:`Search.key` equals this."""
+    from .store import model_fingerprint, sae_fingerprint
+
+    return model_fingerprint(lm), sae_fingerprint(sae), search_setting(lm)
+
+
 def search_candidates(bank: FeatureBank, tokenizer, concepts: Sequence[str] | None = None, pool: int | None = SEARCH_POOL) -> list[tuple[str, int, str, float]]:
     """(concept, output pick, its top word, output score) for every concept whose output pick's top logit-lens
     token is the concept's own word. Concepts: the concept list first (``assets/eval/concepts.txt``), then the
@@ -515,25 +546,20 @@ def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequ
     ``resume``: an earlier, unfinished search of these weights in this setting (its tried candidates are kept);
     ``checkpoint(search)`` is called after every candidate (the CLI writes the file there); ``progress(i, total,
     tried)`` likewise, for a progress bar."""
-    import time
-
-    from .store import model_fingerprint, sae_fingerprint
-
     t0 = time.perf_counter()
-    setting = search_setting(lm)
-    mfp, sfp = model_fingerprint(lm), sae_fingerprint(sae)
+    key = search_key(lm, sae)
     if pool is not None and pool < 0:
         raise ConfigError(f"the candidate pool must be 0 (the concept list only) or more features, got {pool}")
     pool = len(bank.output_score) if pool is None else min(int(pool), len(bank.output_score))
     cands = search_candidates(bank, lm.tokenizer, concepts, pool)
     tried: list[Tried] = []
     spent = 0.0
-    if resume is not None and (resume.model_fingerprint, resume.sae_fingerprint, resume.setting) == (mfp, sfp, setting):
+    if resume is not None and resume.key == key:
         tried, spent = list(resume.tried), resume.elapsed_s
     done_f = {t.feature for t in tried}
 
     def current(done: bool) -> Search:
-        return Search(lm.name, sae.id, mfp, sfp, setting, tuple(tried), len(cands), spent + time.perf_counter() - t0, done, pool)
+        return Search(lm.name, sae.id, *key, tuple(tried), len(cands), spent + time.perf_counter() - t0, done, pool)
 
     total = min(tries, len(cands))
     for concept, f, w, os_ in cands:
@@ -542,7 +568,7 @@ def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequ
         if f in done_f:
             continue
         cal = calibrate(lm, sae, [f], [w])[0]
-        tried.append(Tried(concept, f, w, os_, cal.ok, cal.strength, dict(cal.n_ok), dict(cal.verified), cal.samples))
+        tried.append(Tried.of(concept, os_, cal))
         if checkpoint is not None:
             checkpoint(current(False))
         if progress is not None:
@@ -552,8 +578,6 @@ def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequ
 
 def write_search(result: Search, root: Path | None = None) -> Path:
     """Write ``result`` where :func:`load_search` reads it (default root: the bundled presets folder); atomic."""
-    import os
-
     from .paths import BUNDLED_PRESETS, presets_file
 
     path = presets_file(BUNDLED_PRESETS if root is None else root, result.model, result.sae_id)
@@ -576,13 +600,14 @@ def load_search(lm: LoadedModel, sae: LoadedSae, roots: Sequence[Path] | None = 
     """The finished preset search of these very weights in the setting the pages start with (bundled folder
     first, then the cache), else None."""
     from .paths import BUNDLED_PRESETS, presets_cache, presets_file
-    from .store import model_fingerprint, sae_fingerprint
 
+    key = None
     for root in roots if roots is not None else (BUNDLED_PRESETS, presets_cache()):
         found = read_search(presets_file(root, lm.name, sae.id))
         if found is None or (finished and not found.done):
             continue
-        if (found.model_fingerprint, found.sae_fingerprint) == (model_fingerprint(lm), sae_fingerprint(sae)) and found.setting == search_setting(lm):
+        key = search_key(lm, sae) if key is None else key
+        if found.key == key:
             return found
     return None
 
@@ -592,13 +617,28 @@ def opening_sae(model_name: str, sae_ids: Sequence[str]) -> str | None:
     tie), or None when none ships one: the layer the app opens on, so a first look starts where steering shows."""
     from .paths import BUNDLED_PRESETS, presets_file
 
-    best, most = None, 0
-    for sid in sae_ids:
-        found = read_search(presets_file(BUNDLED_PRESETS, model_name, sid))
-        k = len(found.presets) if found is not None and found.done else 0
-        if k > most:
-            best, most = sid, k
-    return best
+    paths = [presets_file(BUNDLED_PRESETS, model_name, sid) for sid in sae_ids]
+    key = (tuple(sae_ids), tuple(_stamp(p) for p in paths))  # the picker asks on every rerun: parse the files once
+    if key not in _OPENING:
+        best, most = None, 0
+        for sid, path in zip(sae_ids, paths):
+            found = read_search(path)
+            k = len(found.presets) if found is not None and found.done else 0
+            if k > most:
+                best, most = sid, k
+        _OPENING[key] = best
+    return _OPENING[key]
+
+
+_OPENING: dict[tuple, str | None] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path),)
+    return str(path), st.st_mtime_ns, st.st_size
 
 
 def preset_strength(lm: LoadedModel, sae: LoadedSae, preset: Preset) -> tuple[float, str]:
@@ -615,12 +655,7 @@ def feature_strength(lm: LoadedModel, sae: LoadedSae, d: Defaults, feature: int,
     the fallback amp)."""
     for t in d.tried:
         if t.feature == int(feature):
-            if t.ok:
-                return t.strength, t.preset(len(CALIBRATION_SEEDS)).evidence
-            grid = ", ".join(f"{a:g}" for a in t.n_ok)
-            return FALLBACK_STRENGTH, (f"amp {FALLBACK_STRENGTH:g}: the preset search of these weights tried feature {feature} and no amp of "
-                                       f"{grid} made it say “{t.word}” fluently in {MIN_SEEDS_OK} of {len(CALIBRATION_SEEDS)} samples, the "
-                                       f"default seed's among them (the paper's median factor instead)")
+            return t.amp(len(CALIBRATION_SEEDS))
     if d.strength is not None:
         return d.strength, d.strength_reason or d.reason
     word = _word_of(bank, lm.tokenizer, feature)
@@ -639,5 +674,5 @@ __all__ = [
     "CALIBRATION_GRID", "CALIBRATION_SEEDS", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
     "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "run_metas", "top_word",
     "SEARCH_POOL", "SEARCH_TRIES", "Sample", "Search", "Tried", "lab_samples", "load_search", "opening_sae", "passes", "read_search",
-    "said_by_steering", "search", "search_candidates", "search_setting", "write_search",
+    "said_by_steering", "search", "search_candidates", "search_key", "search_setting", "write_search",
 ]
