@@ -20,6 +20,10 @@ layers from a longer activation pass (how L5–L17 got their 1,097,280-token inp
 
 ``--layers 2`` redoes some layers only: their manifest entries are replaced, the others kept (how L2 was refined
 on more tokens with a longer dead-latent window; see the manifest's per-SAE ``training``).
+
+A layer outside the bundle (``--layers 0 --from-scratch``) is trained and installed beside the others, with no
+"before" diagnostics (how the L0 experiment of ``benchmarks/results/input_score_lens.md`` was made; it is not
+shipped: ``git checkout assets/`` and removing its two folders undoes it).
 """
 
 from __future__ import annotations
@@ -92,18 +96,18 @@ def main() -> None:
         layers = tuple(int(x) for x in args.layers.split(","))
     except ValueError:
         ap.error(f"--layers {args.layers!r}: use comma-separated integers from {', '.join(map(str, LAYERS))}")
-    if not set(layers) <= set(LAYERS):
-        ap.error(f"--layers {args.layers!r}: the bundle has layers {', '.join(map(str, LAYERS))}")
     unknown = set(stages) - set(STAGES)
     if unknown:
         ap.error(f"unknown stages {sorted(unknown)}: use {', '.join(STAGES)} or all")
+    lm = load_model()
+    if not set(layers) <= set(range(lm.n_layers)):
+        ap.error(f"--layers {args.layers!r}: {lm.name} has layers 0-{lm.n_layers - 1}; the bundle's are {', '.join(map(str, LAYERS))}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     params = TrainParams(layers=layers, width=4096, k=64, tokens=args.tokens, epochs=args.epochs, context_size=128,
                          batch_size=2048, lr=args.lr, seed=0, heldout_tokens=args.heldout_tokens)
-    lm = load_model()
 
     if "collect" in stages:
         t0 = time.time()
@@ -121,6 +125,9 @@ def main() -> None:
     trained_dir = work / "saes"
     if "train" in stages:
         t0 = time.time()
+        missing = [l for l in layers if not (args.init / sae_id_for(l, params.width, params.k)).is_dir()]
+        if missing and not args.from_scratch:
+            raise SystemExit(f"--init {args.init} has no SAE at layer(s) {', '.join(map(str, missing))}: add --from-scratch to train them")
         shipped = {l: None if args.from_scratch else _load_dir(args.init / sae_id_for(l, params.width, params.k)) for l in layers}
         def first_shards(layer: int) -> torch.Tensor:
             files = sorted(p for p in (work / "acts_train" / f"L{layer}").glob("*.npy") if not p.name.endswith(".tmp.npy"))
@@ -149,19 +156,20 @@ def main() -> None:
             sae_id = sae_id_for(l, params.width, params.k)
             held = torch.from_numpy(load_shards(work / "acts_heldout", l))
             n_held = len(held)
-            before = diagnose(_as_loaded(_load_dir(args.init / sae_id), l, sae_id), held)
+            init_dir = args.init / sae_id  # a layer new to the bundle (L0) has no "before"
+            before = diagnose(_as_loaded(_load_dir(init_dir), l, sae_id), held) if init_dir.is_dir() else None
             after = diagnose(_as_loaded(new[l], l, sae_id), held)
             metrics = {**reconstruction_metrics(new[l], held), **ce[l]}
             entries.append({
                 "id": sae_id, "dir": sae_id, "layer": l, "width": params.width, "k": params.k,
                 "hook": f"blocks.{l}.hook_resid_post", "architecture": "topk", "metrics": metrics,
-                "diagnostics": after.to_dict(), "diagnostics_before_rebuild": before.to_dict(),
+                "diagnostics": after.to_dict(), "diagnostics_before_rebuild": None if before is None else before.to_dict(),
                 "rebuild": info[str(l)],
                 "training": {"tokens": timings.get("train_tokens_used"), "epochs": args.epochs, "lr": args.lr,
                              "dead_window_tokens": args.dead_window_tokens, "train_s": timings.get("train_s"),
                              "init": info[str(l)]["init"] if args.from_scratch else str(args.init)},
             })
-            print(f"L{l}: {after.summary()}  (before: {before.summary()})", flush=True)
+            print(f"L{l}: {after.summary()}  (before: {'none, new layer' if before is None else before.summary()})", flush=True)
         manifest = {
             "model": lm.name,
             "corpus": corpus_hash(),
