@@ -292,10 +292,22 @@ def test_the_sidebar_opens_on_the_sae_marked_to_open_and_a_link_still_wins(fixtu
     assert at.sidebar.selectbox(key="sb_sae_ref").value == "tiny-topk-L3"
 
 
+def test_zero_input_note_names_the_layers_and_the_share_that_scores():
+    def frame(scores):
+        return pd.DataFrame({"feature": range(len(scores)), "input_score": scores, "output_score": [0.0] * len(scores)})
+
+    frames = {2: frame([0, 0, 0, 0.5, np.nan]), 5: frame([0, 0, 0.2, 0.3, 0.4]), 8: frame([0.0, 0.0, 0.0, 0.0, 0.1])}
+    note = tables.zero_input_note(frames)
+    assert note.startswith("The median input score at L2, L8 is 0: only 20%–25% of the scored features")  # NaN is not scored
+    assert tables.zero_input_note({5: frames[5]}) is None
+    assert "only 25% of" in tables.zero_input_note({2: frames[2]})
+
+
 def test_layer_picker_switches_sae_and_overview_shows_all_layers(fixture_env):
     at = app().run()
     at.switch_page(NAV["layers"].path).run()
     no_exception(at)
+    assert not [i for i in at.info if "median input score" in i.value]  # the fixture's medians are above 0
     charts = at.get("plotly_chart")
     assert len(charts) >= 3  # distributions, shares, scatter
     shares = at.dataframe[0].value

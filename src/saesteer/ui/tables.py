@@ -80,6 +80,23 @@ def threshold_shares(frames: Mapping[int, pd.DataFrame], input_min: float, outpu
     return pd.DataFrame(rows)
 
 
+def zero_input_note(frames: Mapping[int, pd.DataFrame]) -> str | None:
+    """A sentence for the layers whose median input score is 0 (None when there is none): how few of their
+    scored features have any top context peaking on a token they promote, so what the input ranking rests on."""
+    zero = {}
+    for layer in sorted(frames):
+        scored = frames[layer]["input_score"].dropna()
+        if len(scored) and float(scored.median()) == 0.0:
+            zero[layer] = float((scored > 0).mean())
+    if not zero:
+        return None
+    names = ", ".join(f"L{l}" for l in zero)
+    lo, hi = min(zero.values()), max(zero.values())
+    share = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}–{hi:.0%}"
+    return (f"The median input score at {names} is 0: only {share} of the scored features there have any top context "
+            "peaking on a token they promote, so the input-score ranking rests on those few.")
+
+
 def _word(token: str, min_len: int = 3) -> bool:
     text = norm_token(token)
     return len(text) >= min_len and text.isascii() and text.isalpha()

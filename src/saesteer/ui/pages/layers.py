@@ -10,7 +10,15 @@ from ..common import require_data
 from ..context import AppContext
 from ..nav import goto
 from ..session import select_feature
-from ..tables import threshold_shares
+from ...config import EMBEDDED_MODEL
+from ..tables import threshold_shares, zero_input_note
+
+# Measured on the embedded model alone (benchmarks/input_score_lens.py --token-means, README "Why the SAEs were rebuilt")
+EMBEDDED_INPUT_CAUSE = (
+    "On Gemma 3 270M this comes from the model: after its first block, its residual no longer points at the current "
+    "token in the logit lens. An ideal detector of a token promotes that token for 76 % of frequent tokens at L0 "
+    "and for 12 % at L2. Features fire on a token but do not promote it, so the score is kept as the paper defines it."
+)
 
 
 def activation_vs_effect(table: pd.DataFrame, input_min: float, output_min: float) -> str:
@@ -63,6 +71,9 @@ def render(ctx: AppContext) -> None:
         },
         key="ov_shares_table",
     )
+    note = zero_input_note(frames)
+    if note:
+        st.info(note + (" " + EMBEDDED_INPUT_CAUSE if ctx.model_name == EMBEDDED_MODEL else ""))
 
     layer = ctx.sae.layer
     table = frames.get(layer, data.table)
