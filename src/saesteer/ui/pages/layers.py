@@ -6,18 +6,19 @@ import pandas as pd
 import streamlit as st
 
 from ... import plots
+from ...config import EMBEDDED_MODEL
 from ..common import require_data
 from ..context import AppContext
 from ..nav import goto
 from ..session import select_feature
-from ...config import EMBEDDED_MODEL
 from ..tables import threshold_shares, zero_input_note
 
 # Measured on the embedded model alone (benchmarks/input_score_lens.py --token-means, README "Why the SAEs were rebuilt")
 EMBEDDED_INPUT_CAUSE = (
     "On Gemma 3 270M this comes from the model: after its first block, its residual no longer points at the current "
-    "token in the logit lens. An ideal detector of a token promotes that token for 76 % of frequent tokens at L0 "
-    "and for 12 % at L2. Features fire on a token but do not promote it, so the score is kept as the paper defines it."
+    "token in the logit lens. The mean residual on a token, minus the mean over all tokens, has that token among its "
+    "top-20 lens tokens for 76 % of frequent tokens at L0 and for 12 % at L2. So features here fire on a token but "
+    "rarely promote it. The score is kept as the paper defines it."
 )
 
 
