@@ -17,7 +17,7 @@ from ..tables import threshold_shares, zero_input_note
 EMBEDDED_INPUT_CAUSE = (
     "On Gemma 3 270M this comes from the model: after its first block, its residual no longer points at the current "
     "token in the logit lens. The mean residual on a token, minus the mean over all tokens, has that token among its "
-    "top-20 lens tokens for 76 % of frequent tokens at L0 and for 12 % at L2. So features here fire on a token but "
+    "top-20 lens tokens for 76 % of frequent tokens at layer 0 and for 12 % at layer 2. So features here fire on a token but "
     "rarely promote it. The score is kept as the paper defines it."
 )
 
