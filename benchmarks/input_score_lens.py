@@ -89,7 +89,7 @@ def token_mean_ranks(lm, layers: list[int], n_sequences: int = 200, length: int 
 def _lenses(lm):
     head = lm.lm_head.weight
     return {
-        "shipped lens (final norm + head)": lambda x: lm.lm_head(lm.final_norm(x)),
+        "shipped lens (final norm + head)": lm.unembed,  # what scores.logit_lens ranks
         "head only (W_U d)": lambda x: x @ head.T,
     }
 

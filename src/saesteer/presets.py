@@ -539,6 +539,14 @@ def search_candidates(bank: FeatureBank, tokenizer, concepts: Sequence[str] | No
     return out
 
 
+def search_pool(pool: int | None, n_features: int) -> int:
+    """The pool a search with ``pool`` (None: every feature) uses on an SAE of ``n_features`` features, as
+    :attr:`Search.pool` records it."""
+    if pool is not None and pool < 0:
+        raise ConfigError(f"the candidate pool must be 0 (the concept list only) or more features, got {pool}")
+    return n_features if pool is None else min(int(pool), n_features)
+
+
 def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequence[str] | None = None, tries: int = SEARCH_TRIES,
            n: int = N_PRESETS, pool: int | None = SEARCH_POOL, resume: Search | None = None, checkpoint=None, progress=None) -> Search:
     """Calibrate the candidates (:func:`search_candidates` with ``pool``) in order until ``n`` pass or ``tries``
@@ -548,9 +556,7 @@ def search(lm: LoadedModel, sae: LoadedSae, bank: FeatureBank, *, concepts: Sequ
     tried)`` likewise, for a progress bar."""
     t0 = time.perf_counter()
     key = search_key(lm, sae)
-    if pool is not None and pool < 0:
-        raise ConfigError(f"the candidate pool must be 0 (the concept list only) or more features, got {pool}")
-    pool = len(bank.output_score) if pool is None else min(int(pool), len(bank.output_score))
+    pool = search_pool(pool, len(bank.output_score))
     cands = search_candidates(bank, lm.tokenizer, concepts, pool)
     tried: list[Tried] = []
     spent = 0.0
@@ -674,5 +680,5 @@ __all__ = [
     "CALIBRATION_GRID", "CALIBRATION_SEEDS", "Calibration", "Defaults", "Preset", "calibrate", "clear_cache", "defaults", "fallback_presets",
     "feature_strength", "find_run", "from_results", "mentions_word", "preset_strength", "run_metas", "top_word",
     "SEARCH_POOL", "SEARCH_TRIES", "Sample", "Search", "Tried", "lab_samples", "load_search", "opening_sae", "passes", "read_search",
-    "said_by_steering", "search", "search_candidates", "search_key", "search_setting", "write_search",
+    "said_by_steering", "search", "search_candidates", "search_key", "search_pool", "search_setting", "write_search",
 ]

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             root = Path(args.out) if args.out else BUNDLED_PRESETS if sae_spec.source == "bundled" else presets_cache()
             path = presets_file(root, lm.name, sae.id)
             earlier = None if args.fresh else presets.read_search(path)
-            if earlier is not None and earlier.key == presets.search_key(lm, sae) and not earlier.goes_on(tries, sae.width if pool is None else min(pool, sae.width)):
+            if earlier is not None and earlier.key == presets.search_key(lm, sae) and not earlier.goes_on(tries, presets.search_pool(pool, len(bank.output_score))):
                 print(f"{sae.id}: up to date in {path} ({earlier.summary()}); --fresh searches again", file=sys.stderr)
                 continue
             result = _search(lm, sae, bank, tries, pool, earlier, root)

@@ -91,8 +91,8 @@ def zero_input_note(frames: Mapping[int, pd.DataFrame]) -> str | None:
     if not zero:
         return None
     names = ", ".join(f"L{l}" for l in zero)
-    lo, hi = min(zero.values()), max(zero.values())
-    share = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}–{hi:.0%}"
+    lo, hi = f"{min(zero.values()):.0%}", f"{max(zero.values()):.0%}"
+    share = lo if lo == hi else f"{lo}–{hi}"
     return (f"The median input score at {names} is 0: only {share} of the scored features there have any top context "
             "peaking on a token they promote, so the input-score ranking rests on those few.")
 
